@@ -1,0 +1,149 @@
+"""``acf-fast evaluate``: recall metrics of any model's S, or of a checkpoint on a data split.
+
+    acf-fast evaluate --sims S.npy [--txt2img T.npy] [--protocol coco5k] [--rerank] [--out r.json]
+    acf-fast evaluate --data DIR --split test --checkpoint CKPT [--work DIR] [--rerank] [--out r.json]
+
+The ``--data`` path scores in resumable chunks (see :mod:`acf_fast.scoring`): kill it
+and run the same command again, it picks up where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate import PROTOCOLS, evaluate_protocol, format_table
+from ..rerank import NEIGHBOR_MODES
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="R@K / medr / meanr / rsum of a similarity matrix or a checkpoint, plain and ACF-R+ re-ranked",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sims", type=Path, help="(N images, M captions) float .npy from ANY model (loaded without pickle)")
+    src.add_argument("--data", type=Path, help="data folder in the SCAN layout (with encoded captions)")
+    p.add_argument("--txt2img", type=Path, help="with --sims: (M,) integer .npy, image of each caption (default t // 5)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="any",
+                   help="coco5k (5000x25000), coco1k (5 folds of 1000x5000, averaged), f30k (1000x5000), "
+                        "any (any shape; default)")
+    p.add_argument("--split", default="test", help="with --data: the split to score (default test)")
+    p.add_argument("--checkpoint", type=Path, help="with --data: model checkpoint (.safetensors from ACF.save)")
+    p.add_argument("--backend", default="auto", choices=("auto", "eager", "torch", "triton"),
+                   help="acf_similarity backend for --data (default auto: triton on a GPU, torch on a CPU)")
+    p.add_argument("--device", default="auto",
+                   help="where to score (--data) and rank: cpu, cuda, cuda:N or auto (default: cuda if present)")
+    p.add_argument("--work", type=Path,
+                   help="with --data: folder for the resumable chunks (default <checkpoint folder>/eval_<split>)")
+    p.add_argument("--chunk-images", type=_positive_int, default=256,
+                   help="with --data: images per saved chunk (default 256)")
+    p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
+    p.add_argument("--rerank", action="store_true", help="also re-rank both directions (ACF-R+, spec §5)")
+    p.add_argument("--k-i2t", type=_positive_int, default=15, help="k̂ for image-to-text re-ranking (default 15)")
+    p.add_argument("--k-t2i", type=_positive_int, default=20, help="k̂ for text-to-image re-ranking (default 20)")
+    p.add_argument("--kprime", type=_positive_int, default=5, help="k', neighbours per text incl. itself (default 5)")
+    p.add_argument("--n", type=_positive_int, default=None,
+                   help="cap n̂ of the reverse positions (default: full ranking, as the authors)")
+    p.add_argument("--neighbors", choices=NEIGHBOR_MODES, default=None,
+                   help="text neighbours for T2I re-ranking: embedding (model's text vectors; default with --data), "
+                        "profile (columns of S; default with --sims), siblings (ground-truth captions: ORACLE)")
+    p.add_argument("--out", type=Path, help="write the results as JSON (atomic)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def load_sims(path: Path) -> np.ndarray:
+    """A 2-D float .npy, never unpickled. ValueError naming the file otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--sims {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower():
+            raise ValueError(
+                f"--sims {path}: the file holds pickled Python objects, which are never loaded; "
+                "save a plain array, e.g. np.save(path, S.astype(np.float32))"
+            ) from None
+        raise ValueError(f"--sims {path}: not a readable .npy file ({err})") from None
+    except OSError as err:
+        raise ValueError(f"--sims {path}: not a readable .npy file ({err})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"--sims {path}: expected one .npy array, got an archive of several (.npz)")
+    if arr.ndim != 2:
+        raise ValueError(f"--sims {path}: expected a 2-D (images, captions) array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"--sims {path}: expected floating-point scores, got dtype {arr.dtype}")
+    return arr
+
+
+def load_txt2img(path: Path, M: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"--txt2img {path} does not exist")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"--txt2img {path}: not a plain .npy array ({err})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"--txt2img {path}: expected a 1-D integer array, got {getattr(arr, 'dtype', '?')} "
+                         f"of shape {getattr(arr, 'shape', '?')}")
+    if arr.shape[0] != M:
+        raise ValueError(f"--txt2img {path}: has {arr.shape[0]} entries but --sims has {M} captions (columns)")
+    return arr.astype(np.int64)
+
+
+def run(args) -> int:
+    opts = dict(rerank=args.rerank, k_i2t=args.k_i2t, k_t2i=args.k_t2i, kprime=args.kprime, n=args.n,
+                neighbors=args.neighbors)
+    record = {"command": "evaluate"}
+    if args.sims is not None:
+        for flag in ("checkpoint", "work", "save_sims"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
+        from ..scoring import resolve_device
+
+        S = load_sims(args.sims)
+        txt2img = None if args.txt2img is None else load_txt2img(args.txt2img, S.shape[1])
+        try:
+            result = evaluate_protocol(torch.from_numpy(S).to(resolve_device(args.device)), args.protocol, txt2img,
+                                       **opts)
+        except ValueError as err:
+            raise ValueError(f"--sims {args.sims}: {err}") from None
+        record["source"] = {"sims": str(args.sims), "txt2img": None if args.txt2img is None else str(args.txt2img)}
+    else:
+        if args.checkpoint is None:
+            raise ValueError("--data needs --checkpoint (the model that scores the split)")
+        if args.txt2img is not None:
+            raise ValueError("--txt2img goes with --sims; with --data the split's captions define it")
+        from ..scoring import save_npy_atomic, score_split
+
+        scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
+                             device=args.device, chunk_images=args.chunk_images, progress=not args.quiet)
+        if args.save_sims is not None:
+            save_npy_atomic(args.save_sims, scored.S.numpy())
+        result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors, **opts)
+        record["source"] = {"data": str(args.data), "split": args.split, "checkpoint": str(args.checkpoint),
+                            "backend": args.backend}
+        record["scoring"] = scored.info
+    record.update(result)
+    print(format_table(result))
+    if args.out is not None:
+        from ..scoring import write_json_atomic
+
+        write_json_atomic(args.out, record)
+        print(f"wrote {args.out}")
+    return 0

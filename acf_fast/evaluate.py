@@ -1,0 +1,319 @@
+"""Recall metrics and the standard protocols (spec §4), for any model's S.
+
+S is (N images, M texts); caption t belongs to image ``txt2img[t]`` (default
+t // 5, COCO and Flickr30K). Ranks are 0-based counts (items scoring strictly
+higher + items scoring equal with a smaller index), computed by streaming S once
+per direction, never by sorting it.
+
+- I2T rank of image i = min rank over its captions in row i.
+- T2I rank of caption t = rank of its image in column t.
+- R@K = 100 * fraction with rank < K (K = 1, 5, 10); medr = floor(median) + 1;
+  meanr = mean + 1; rsum = sum of the six R@K.
+
+Re-ranked heads (``i2t_heads`` (N, k), ``t2i_heads`` (M, k), from
+:mod:`acf_fast.rerank`) define the new list of a query as: the head, then every
+other item in its original order. So a target inside the head has the rank of its
+position there; a target outside it has rank
+``k + (its original rank) - #{head items originally ranked before it}``, which is
+its original rank whenever the head is a reordering of the original top k (what
+the re-ranker returns). R@K for K <= k therefore reads the head alone.
+
+Protocols: ``coco5k`` (5,000 x 25,000 at once), ``coco1k`` (five folds of 1,000 x
+5,000, every metric averaged over the folds; rsum = sum of the averaged six R@K,
+which equals the mean of the fold rsums - SCAN's 5-fold printout mislabels it),
+``f30k`` (1,000 x 5,000), ``any`` (any shape, explicit or default txt2img).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .ranking import check_k, check_scores, count_before_targets
+from .rerank import NEIGHBOR_MODES, ORACLE_LABEL, rerank_i2t, rerank_t2i, text_neighbors
+
+RECALL_KS = (1, 5, 10)
+METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
+
+# shape (images, captions) and number of image folds per protocol.
+PROTOCOLS = {
+    "coco5k": {"shape": (5000, 25000), "folds": 1},
+    "coco1k": {"shape": (5000, 25000), "folds": 5},
+    "f30k": {"shape": (1000, 5000), "folds": 1},
+    "any": {"shape": None, "folds": 1},
+}
+
+
+def check_txt2img(txt2img, N: int, M: int, name: str = "txt2img") -> torch.Tensor:
+    """(M,) long image id per caption; default t // 5 (needs M == 5 N). Every image
+    needs at least one caption (else its I2T rank is undefined)."""
+    if txt2img is None:
+        if M != 5 * N:
+            raise ValueError(
+                f"{name} not given and S has {M} texts for {N} images; the default (caption t -> image t // 5) "
+                f"needs exactly 5 per image ({5 * N} texts): pass {name}"
+            )
+        return torch.arange(M) // 5
+    if isinstance(txt2img, (list, tuple)):
+        txt2img = np.asarray(txt2img)
+    if isinstance(txt2img, np.ndarray):
+        if not np.issubdtype(txt2img.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer image ids, got dtype {txt2img.dtype}")
+        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img))
+    if not isinstance(txt2img, torch.Tensor) or txt2img.dtype.is_floating_point or txt2img.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D array of integer image ids")
+    if txt2img.dim() != 1 or txt2img.numel() != M:
+        raise ValueError(f"{name} must have one image id per text: shape ({M},), got {tuple(txt2img.shape)}")
+    txt2img = txt2img.long().cpu()
+    lo, hi = int(txt2img.min()), int(txt2img.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"{name} holds image ids in [{lo}, {hi}] but S has {N} images (ids 0..{N - 1})")
+    counts = torch.bincount(txt2img, minlength=N)
+    if bool((counts == 0).any()):
+        first = int((counts == 0).nonzero()[0, 0])
+        raise ValueError(f"{name}: image {first} has no caption ({int((counts == 0).sum())} images without any)")
+    return txt2img
+
+
+def _check_heads(heads, n_lists: int, length: int, name: str, device) -> torch.Tensor:
+    if isinstance(heads, np.ndarray):
+        heads = torch.from_numpy(heads)
+    if not isinstance(heads, torch.Tensor) or heads.dim() != 2 or heads.shape[0] != n_lists:
+        raise ValueError(f"{name} must be a ({n_lists}, k) tensor of ids, got {getattr(heads, 'shape', type(heads).__name__)}")
+    if heads.dtype.is_floating_point or heads.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer ids, got dtype {heads.dtype}")
+    check_k(heads.shape[1], length, f"{name} width k", "list it re-ranks")
+    heads = heads.to(device=device, dtype=torch.long)
+    if int(heads.min()) < 0 or int(heads.max()) >= length:
+        raise ValueError(f"{name} holds ids outside [0, {length})")
+    srt = torch.sort(heads, dim=1).values
+    if bool((srt[:, 1:] == srt[:, :-1]).any()):
+        raise ValueError(f"{name} repeats an id within a row; a head must list distinct items")
+    return heads
+
+
+def _apply_heads(rank, heads, hit, score_t, score_h, idx_t, idx_h):
+    """New 0-based ranks given re-ranked heads (see module doc). hit (Q, k) bool marks
+    targets inside the head; score_*/idx_* give the target's and head items' keys."""
+    k = heads.shape[1]
+    pos = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), -1)
+    ahead = ((score_h > score_t[:, None]) | ((score_h == score_t[:, None]) & (idx_h < idx_t[:, None]))).sum(1)
+    return torch.where(pos >= 0, pos, k + rank - ahead)
+
+
+def ranks_i2t(S, txt2img=None, heads=None) -> torch.Tensor:
+    """(N,) long 0-based I2T rank of every image: min rank over its captions in its row."""
+    S = check_scores(S)
+    N, M = S.shape
+    g = check_txt2img(txt2img, N, M).to(S.device)
+    t = torch.arange(M, device=S.device)
+    own = S[g, t]  # score of each caption in its own image's row
+    # Best caption of each image by (score desc, index asc): its rank is the min.
+    top = torch.full((N,), float("-inf"), dtype=S.dtype, device=S.device).scatter_reduce(0, g, own, "amax")
+    best = torch.full((N,), M, dtype=torch.long, device=S.device).scatter_reduce(
+        0, g, torch.where(own == top[g], t, M), "amin"
+    )
+    rank = count_before_targets(S, best, axis=1)
+    if heads is None:
+        return rank
+    heads = _check_heads(heads, N, M, "i2t_heads", S.device)
+    rows = torch.arange(N, device=S.device)
+    hit = g[heads] == rows[:, None]
+    return _apply_heads(rank, heads, hit, S[rows, best], S.gather(1, heads), best, heads)
+
+
+def ranks_t2i(S, txt2img=None, heads=None) -> torch.Tensor:
+    """(M,) long 0-based T2I rank of every caption: rank of its image in its column."""
+    S = check_scores(S)
+    N, M = S.shape
+    g = check_txt2img(txt2img, N, M).to(S.device)
+    rank = count_before_targets(S, g, axis=0)
+    if heads is None:
+        return rank
+    heads = _check_heads(heads, M, N, "t2i_heads", S.device)
+    cols = torch.arange(M, device=S.device)
+    hit = heads == g[:, None]
+    return _apply_heads(rank, heads, hit, S[g, cols], S[heads, cols[:, None]], g, heads)
+
+
+def summarize_ranks(ranks) -> dict:
+    """R@1, R@5, R@10 (percent), medr, meanr of 0-based ranks, as plain floats."""
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+    out = {f"r{K}": float(100.0 * np.mean(r < K)) for K in RECALL_KS}
+    out["medr"] = float(math.floor(np.median(r)) + 1)
+    out["meanr"] = float(r.mean() + 1)
+    return out
+
+
+def _rsum(m: dict) -> float:
+    return float(sum(m[d][f"r{K}"] for d in ("i2t", "t2i") for K in RECALL_KS))
+
+
+def recall_metrics(S, txt2img=None, i2t_heads=None, t2i_heads=None) -> dict:
+    """Spec §4 metrics of S (N, M): {"i2t": {r1 r5 r10 medr meanr}, "t2i": {...}, "rsum"}.
+
+    Args:
+        S: (N, M) float scores (torch or numpy), any device.
+        txt2img: (M,) integer image id per caption; None = t // 5.
+        i2t_heads: (N, k) re-ranked text ids per image, or None.
+        t2i_heads: (M, k) re-ranked image ids per text, or None.
+    """
+    S = check_scores(S)
+    g = check_txt2img(txt2img, *S.shape)
+    out = {"i2t": summarize_ranks(ranks_i2t(S, g, i2t_heads)), "t2i": summarize_ranks(ranks_t2i(S, g, t2i_heads))}
+    out["rsum"] = _rsum(out)
+    return out
+
+
+def _average(metrics: list) -> dict:
+    out = {d: {key: float(np.mean([m[d][key] for m in metrics])) for key in METRIC_KEYS} for d in ("i2t", "t2i")}
+    out["rsum"] = _rsum(out)
+    return out
+
+
+def _evaluate_one(S, g, *, rerank, k_i2t, k_t2i, kprime, n, neighbors, text_vectors):
+    plain = recall_metrics(S, g)
+    if not rerank:
+        return plain, None
+    N, M = S.shape
+    check_k(k_i2t, M, "k_i2t", "list of captions per image")
+    check_k(k_t2i, N, "k_t2i", "list of images per caption")
+    check_k(kprime, M if neighbors != "siblings" else 10**18, "kprime", "number of captions")
+    nb = text_neighbors(neighbors, kprime, S=S, text_vectors=text_vectors, txt2img=g.to(S.device))
+    heads_i2t = rerank_i2t(S, k_i2t, n)
+    heads_t2i = rerank_t2i(S, nb, k_t2i, n)
+    return plain, recall_metrics(S, g, heads_i2t, heads_t2i)
+
+
+def evaluate_protocol(
+    S,
+    protocol: str = "any",
+    txt2img=None,
+    *,
+    rerank: bool = False,
+    k_i2t: int = 15,
+    k_t2i: int = 20,
+    kprime: int = 5,
+    n: Optional[int] = None,
+    neighbors: Optional[str] = None,
+    text_vectors=None,
+) -> dict:
+    """Evaluate S (N, M) under a protocol, plain and (optionally) re-ranked.
+
+    Args:
+        S: (N, M) float scores.
+        protocol: "coco5k", "coco1k", "f30k" or "any" (see module doc); the first
+            three check S's shape.
+        txt2img: (M,) integer image id per caption, None = t // 5.
+        rerank: also compute ACF-R+ re-ranked metrics (k_i2t, k_t2i, kprime, n).
+        neighbors: "embedding" | "profile" | "siblings"; None = "embedding" when
+            ``text_vectors`` (M, E) is given, else "profile".
+
+    Returns:
+        {"protocol", "images", "texts", "folds", "plain": metrics, "reranked":
+        metrics or None, "rerank": settings or None, "fold_results": [...] (coco1k)}.
+        For folds, every metric is the mean over the folds and rsum the sum of
+        the averaged R@K. Re-ranked results from "siblings" carry
+        ``"label": "oracle (uses ground-truth captions)"``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
+    S = check_scores(S)
+    N, M = S.shape
+    spec = PROTOCOLS[protocol]
+    if spec["shape"] is not None and (N, M) != tuple(spec["shape"]):
+        raise ValueError(
+            f"protocol {protocol!r} expects S of shape {tuple(spec['shape'])} (images, captions), got {(N, M)}; "
+            "use --protocol any for other sizes"
+        )
+    g = check_txt2img(txt2img, N, M)
+    if isinstance(text_vectors, np.ndarray):
+        text_vectors = torch.from_numpy(text_vectors)
+    if neighbors is None:
+        neighbors = "embedding" if text_vectors is not None else "profile"
+    if rerank:
+        if neighbors not in NEIGHBOR_MODES:
+            raise ValueError(f"neighbors must be one of {NEIGHBOR_MODES}, got {neighbors!r}")
+        if neighbors == "embedding" and text_vectors is None:
+            raise ValueError("neighbors='embedding' needs text_vectors (M, E); use 'profile' for a bare S")
+        if text_vectors is not None and (not hasattr(text_vectors, "shape") or text_vectors.shape[0] != M):
+            raise ValueError(f"text_vectors must have one row per text ({M}), got {getattr(text_vectors, 'shape', None)}")
+    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors)
+    folds = spec["folds"]
+    result = {"protocol": protocol, "images": N, "texts": M, "folds": folds}
+    if folds == 1:
+        plain, reranked = _evaluate_one(S, g, text_vectors=text_vectors, **opts)
+    else:
+        fold_results = kfold_metrics(S, folds, g, text_vectors=text_vectors, **opts)
+        result["fold_results"] = fold_results
+        plain = _average([f["plain"] for f in fold_results])
+        reranked = _average([f["reranked"] for f in fold_results]) if rerank else None
+    result["plain"] = plain
+    result["reranked"] = reranked
+    result["rerank"] = None
+    if rerank:
+        result["rerank"] = {"k_i2t": k_i2t, "k_t2i": k_t2i, "kprime": kprime, "n": n, "neighbors": neighbors,
+                            "oracle": neighbors == "siblings"}
+        if neighbors == "siblings":
+            result["rerank"]["label"] = ORACLE_LABEL
+    return result
+
+
+def kfold_metrics(S, folds: int, txt2img=None, *, rerank: bool = False, k_i2t: int = 15, k_t2i: int = 20,
+                  kprime: int = 5, n: Optional[int] = None, neighbors: Optional[str] = None, text_vectors=None) -> list:
+    """Metrics of each of ``folds`` equal contiguous image folds of S (N, M), each
+    with the captions of its images (in index order). Returns a list of
+    {"images": (start, stop), "plain": metrics, "reranked": metrics|None}."""
+    S = check_scores(S)
+    N, M = S.shape
+    if isinstance(text_vectors, np.ndarray):
+        text_vectors = torch.from_numpy(text_vectors)
+    if N % folds:
+        raise ValueError(f"S has {N} images, not divisible into {folds} equal folds")
+    g = check_txt2img(txt2img, N, M)
+    if neighbors is None:
+        neighbors = "embedding" if text_vectors is not None else "profile"
+    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors)
+    size = N // folds
+    out = []
+    for f in range(folds):
+        a, b = f * size, (f + 1) * size
+        caps = ((g >= a) & (g < b)).nonzero().squeeze(1)
+        Sf = S[a:b][:, caps.to(S.device)]
+        tv = None if text_vectors is None else text_vectors[caps.to(text_vectors.device)]
+        plain, reranked = _evaluate_one(Sf, g[caps] - a, text_vectors=tv, **opts)
+        out.append({"images": (a, b), "plain": plain, "reranked": reranked})
+    return out
+
+
+_ROWS = [("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"), ("meanr", "meanr")]
+
+
+def format_table(result: dict) -> str:
+    """The standard table of an :func:`evaluate_protocol` result: R@1 R@5 R@10 medr
+    meanr per direction and rsum, plain and re-ranked side by side."""
+    plain, rr = result["plain"], result.get("reranked")
+    head = f"protocol {result['protocol']}: {result['images']} images x {result['texts']} captions"
+    if result.get("folds", 1) > 1:
+        head += f", mean of {result['folds']} folds"
+    lines = [head]
+    cols = ["plain"]
+    if rr is not None:
+        setting = result["rerank"]
+        label = setting.get("label") or f"neighbors: {setting['neighbors']}"
+        cols.append(f"re-ranked, {label}")
+        lines.append(
+            f"re-ranking: k_i2t={setting['k_i2t']} k_t2i={setting['k_t2i']} k'={setting['kprime']} "
+            f"n={'full' if setting['n'] is None else setting['n']} neighbors={setting['neighbors']}"
+        )
+    widths = [max(8, len(c)) for c in cols]
+    lines.append(f"{'':12s}" + "  ".join(f"{c:>{w}s}" for c, w in zip(cols, widths)))
+    for d, name in (("i2t", "I2T"), ("t2i", "T2I")):
+        for label, key in _ROWS:
+            vals = [plain[d][key]] + ([rr[d][key]] if rr is not None else [])
+            lines.append(f"{name + ' ' + label:12s}" + "  ".join(f"{v:>{w}.2f}" for v, w in zip(vals, widths)))
+    vals = [plain["rsum"]] + ([rr["rsum"]] if rr is not None else [])
+    lines.append(f"{'rsum':12s}" + "  ".join(f"{v:>{w}.2f}" for v, w in zip(vals, widths)))
+    return "\n".join(lines)
