@@ -1,0 +1,100 @@
+"""Seeded synthetic inputs for the benchmarks (shapes as in COCO, values random).
+
+Speed does not depend on the values, only on shapes and masks, so the inputs are
+random unit vectors; ragged text lengths are drawn uniformly in [l_min, l_max].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from acf_fast import VARIANTS
+
+
+@dataclass
+class SimilarityInputs:
+    """Arguments of ``acf_similarity`` for one size and variant.
+
+    V (N, K, D), W (M, L, D) with L = l_max, w_mask (M, L) bool (ragged), v_mask None
+    (all K regions valid, as bottom-up features), ``kwargs`` the keyword arguments
+    (heads, scale, u1, u2, weights, G or global_emb), ``k_valid`` (N,), ``l_valid`` (M,).
+    """
+
+    V: torch.Tensor
+    v_mask: Optional[torch.Tensor]
+    W: torch.Tensor
+    w_mask: torch.Tensor
+    kwargs: dict
+    k_valid: torch.Tensor
+    l_valid: torch.Tensor
+    variant: str
+    heads: int
+    meta: dict = field(default_factory=dict)
+
+    def sliced(self, n: int, m: int) -> "SimilarityInputs":
+        """The first n images and m texts (for the eager baseline on a slice)."""
+        kw = dict(self.kwargs)
+        if kw.get("G") is not None:
+            kw["G"] = kw["G"][:n]
+        if kw.get("global_emb") is not None:
+            Gi, Gt = kw["global_emb"]
+            kw["global_emb"] = (Gi[:n], Gt[:m])
+        return SimilarityInputs(
+            self.V[:n], None if self.v_mask is None else self.v_mask[:n], self.W[:m], self.w_mask[:m], kw,
+            self.k_valid[:n], self.l_valid[:m], self.variant, self.heads, dict(self.meta),
+        )
+
+
+def _unit(*shape, generator, device, dtype):
+    x = torch.randn(*shape, generator=generator, dtype=torch.float32)
+    return torch.nn.functional.normalize(x, dim=-1).to(device=device, dtype=dtype)
+
+
+def similarity_inputs(N: int, M: int, variant: str = "paper", *, K: int = 36, l_min: int = 12, l_max: int = 32,
+                      D: int = 1024, heads: int = 8, device="cpu", dtype=torch.float32, seed: int = 0) -> SimilarityInputs:
+    """Random inputs of one benchmark size; weights as a trained model would hand them.
+
+    paper: z_x z_y z_o x_w x_v x_g (D, D) ~ N(0, 1/D) + I (well-conditioned, like a
+    trained projection), gate (D,) ~ N(0, 1), G (N, D) unit rows -> pairwise global.
+    acf-code: no weights, global_emb = (Gi (N, D), Gt (M, D)) unit rows.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    if not (1 <= l_min <= l_max):
+        raise ValueError(f"need 1 <= l_min <= l_max, got l_min={l_min}, l_max={l_max}")
+    g = torch.Generator().manual_seed(seed)
+    V = _unit(N, K, D, generator=g, device=device, dtype=dtype)
+    W = _unit(M, l_max, D, generator=g, device=device, dtype=dtype)
+    l_valid = torch.randint(l_min, l_max + 1, (M,), generator=g)
+    w_mask = (torch.arange(l_max)[None, :] < l_valid[:, None]).to(device)
+    v = VARIANTS[variant]
+    kwargs = {"heads": heads, "scale": v.scale, "u1": v.u1, "u2": v.u2}
+    if v.learned_projections:
+        eye = torch.eye(D)
+        weights = {name: (eye + torch.randn(D, D, generator=g) / D**0.5).to(device=device, dtype=dtype)
+                   for name in ("z_x", "z_y", "z_o", "x_w", "x_v", "x_g")}
+        weights["gate"] = torch.randn(D, generator=g).to(device=device, dtype=dtype)
+        kwargs["weights"] = weights
+    if v.global_mode == "pairwise":
+        kwargs["G"] = _unit(N, D, generator=g, device=device, dtype=dtype)
+    else:
+        kwargs["global_emb"] = (_unit(N, D, generator=g, device=device, dtype=dtype),
+                                _unit(M, D, generator=g, device=device, dtype=dtype))
+    return SimilarityInputs(V, None, W, w_mask, kwargs, torch.full((N,), K), l_valid, variant, heads,
+                            {"N": N, "M": M, "K": K, "l_min": l_min, "l_max": l_max, "D": D, "H": heads,
+                             "dtype": str(dtype).replace("torch.", ""), "seed": seed})
+
+
+def score_matrix(N: int, M: int, *, per_image: int = 5, device="cpu", seed: int = 0, signal: float = 2.0):
+    """A retrieval-like S (N, M) float32 and txt2img (M,) int64 for the re-ranker and metrics.
+
+    Caption t belongs to image t // per_image when M = per_image·N; matched pairs get
+    ``signal`` added to a standard normal score so ranks are spread like a real model's.
+    """
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(N, M, generator=g)
+    txt2img = torch.arange(M) // per_image % N
+    S[txt2img, torch.arange(M)] += signal
+    return S.to(device), txt2img.to(device)
