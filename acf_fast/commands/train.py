@@ -1,0 +1,119 @@
+"""``acf-fast train --data DIR --out RUN``: train ACF (spec §6) with the paper's
+Table 2 ablation switches."""
+from __future__ import annotations
+
+import argparse
+
+from ..train.negatives import CLI_NEGATIVE_KINDS
+from ..train.positives import POSITIVE_KINDS
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by train, demo and ablation (model and optimiser)."""
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (spec: 20; with --resume: the stored run's unless given)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per batch, per process (spec: 64)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (spec: 5e-4 COCO, 2e-4 F30K)")
+    p.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                   help="step: x0.1 every --step-epochs epochs (paper); cosine: down to lr x --cosine-floor (authors)")
+    p.add_argument("--step-epochs", type=int, default=10, help="epochs between x0.1 steps of the step schedule")
+    p.add_argument("--cosine-floor", type=float, default=1e-4, help="final lr / base lr of the cosine schedule")
+    p.add_argument("--variant", choices=("paper", "acf-code"), default="paper", help="model variant (spec §3)")
+    p.add_argument("--embed-dim", type=int, default=1024, help="shared width D")
+    p.add_argument("--heads", type=int, default=8, help="attention heads H (D divisible by H)")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data order and sample generation")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--backend", choices=("auto", "eager", "torch", "triton"), default="auto",
+                   help="acf_similarity backend (auto: triton on CUDA, torch on CPU)")
+
+
+def add_ablation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-positives", action="store_true", help="w/o Asymmetry-II positives")
+    p.add_argument("--no-negatives", action="store_true", help="w/o Asymmetry-I negatives")
+    p.add_argument("--no-cmf", action="store_true",
+                   help="w/o cross-modal fusion in the score: S = S_global only (u2 = 0)")
+    p.add_argument("--loss", choices=("contrastive", "triplet"), default="contrastive",
+                   help="spec §6 contrastive loss, or the VSE++ max-violation triplet loss (margin 0.2)")
+    p.add_argument("--negatives", choices=CLI_NEGATIVE_KINDS, default="mixture", help="kind of negatives")
+    p.add_argument("--positives", choices=POSITIVE_KINDS, default="both", help="kind of positives")
+    p.add_argument("--tau", type=float, default=0.05, help="softmax temperature (0.05 COCO, 0.01 F30K)")
+    p.add_argument("--lam", type=float, default=0.5, help="λ: weight of L_I against L_II")
+
+
+def config_from_args(args) -> "TrainConfig":
+    from ..train.config import TrainConfig
+
+    return TrainConfig(
+        data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        schedule=args.schedule, step_epochs=args.step_epochs, cosine_floor=args.cosine_floor,
+        variant=args.variant, embed_dim=args.embed_dim, heads=args.heads, seed=args.seed, device=args.device,
+        backend=args.backend, loss=args.loss, tau=args.tau, lam=args.lam,
+        negatives=None if args.no_negatives else args.negatives,
+        positives=None if args.no_positives else args.positives,
+        no_cmf=args.no_cmf, finetune=getattr(args, "finetune", False), encoder=getattr(args, "encoder", None),
+        dev_images=getattr(args, "dev_images", None), train_images=getattr(args, "train_images", None),
+        progress=not getattr(args, "quiet", False),
+    )
+
+
+def run(args) -> int:
+    from ..train.trainer import train
+
+    if args.out is None:
+        raise ValueError("--out RUN is required")
+    if args.data is None and not args.resume:
+        raise ValueError("--data DIR is required (the SCAN-layout folder with train and dev splits)")
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "",
+                                                  "epochs": args.epochs or (None if args.resume else 20)}))
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
+    if args.eval_test:
+        import json
+        from pathlib import Path
+
+        from ..train.checkpoint import atomic_write_text
+        from ..train.scoring import evaluate_checkpoint
+        from ..train.trainer import resolve_device
+
+        stored = json.loads((Path(run_dir) / "config.json").read_text())
+        m = evaluate_checkpoint(Path(run_dir) / "best.safetensors", stored["data"], args.eval_test,
+                                backend=args.backend, device=resolve_device(args.device), progress=not args.quiet)
+        atomic_write_text(Path(run_dir) / f"{args.eval_test}_metrics.json", json.dumps(m, indent=1))
+        print(f"{args.eval_test} ({m['images']} images x {m['captions']} captions): "
+              f"I2T R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
+              f"T2I R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f} | rsum {m['rsum']:.1f}")
+    return 0
+
+
+def main_train(argv) -> int:
+    """Run ``acf-fast train`` with these arguments in this process (used by ablation)."""
+    from ..cli import main
+
+    return main(argv)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train ACF on a SCAN-layout folder (spec §6)",
+        description="Train ACF with the asymmetry-sensitive contrastive loss (spec §6). One epoch = every "
+                    "training caption once. Validates on the dev split each epoch; best.safetensors keeps the "
+                    "best dev rsum. Multi-GPU: torchrun --nproc_per_node=G -m acf_fast train ...",
+    )
+    p.add_argument("--data", help="SCAN-layout folder with {train,dev}_ims.npy / _caps.txt (see `acf-fast data`)")
+    p.add_argument("--out", help="run folder (config.json, log.jsonl, best/last checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch (its stored config is used; "
+                        "--epochs, --device and --backend may change)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tune the text encoder in the loop (negatives on its input embeddings); "
+                        "default: frozen encoder, cached features")
+    p.add_argument("--encoder", default=None, help="local BERT folder (default: the bundled MiniLM)")
+    p.add_argument("--dev-images", type=int, default=None, help="validate on the first N dev images only")
+    p.add_argument("--train-images", type=int, default=None, help="train on the first N images only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--eval-test", metavar="SPLIT", default=None,
+                   help="after training, evaluate best.safetensors on this split (e.g. test) and write "
+                        "RUN/SPLIT_metrics.json")
+    add_model_args(p)
+    add_ablation_args(p)
+    p.set_defaults(func=run)

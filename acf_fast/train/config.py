@@ -1,0 +1,93 @@
+"""Training configuration: one dataclass, saved as ``config.json`` in the run folder."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from .negatives import NEGATIVE_KINDS
+from .positives import POSITIVE_KINDS
+
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (spec §6 defaults for COCO).
+
+    negatives / positives = None switch the generated samples off (the ablations
+    "w/o negatives" / "w/o positives"); ``no_cmf`` scores with the global term only
+    (u2 = 0, see ``trainer.build_model``); ``loss="triplet"`` is the VSE++ ablation.
+    """
+
+    data: str
+    out: str
+    train_split: str = "train"
+    dev_split: str = "dev"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 5e-4
+    schedule: str = "step"  # step: x0.1 every step_epochs epochs; cosine: to lr*cosine_floor
+    step_epochs: int = 10
+    cosine_floor: float = 1e-4
+    grad_clip: float = 2.0
+    variant: str = "paper"
+    embed_dim: int = 1024
+    heads: int = 8
+    loss: str = "contrastive"
+    tau: float = 0.05
+    lam: float = 0.5
+    margin: float = 0.2
+    negatives: Optional[str] = "mixture"
+    positives: Optional[str] = "both"
+    no_cmf: bool = False
+    finetune: bool = False
+    encoder: Optional[str] = None  # local BERT folder; None = bundled MiniLM
+    max_length: int = 40
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    dev_images: Optional[int] = None  # validate on the first n dev images only (their captions)
+    train_images: Optional[int] = None  # train on the first n images only
+    progress: bool = True
+    stop_after_epochs: Optional[int] = None  # stop (as if interrupted) after this epoch; for resume tests
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, want):
+            raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        if self.epochs < 1:
+            bad("epochs", ">= 1")
+        if self.batch_size < 2:
+            bad("batch_size", ">= 2 (a contrastive batch needs negatives)")
+        if not self.lr > 0:
+            bad("lr", "> 0")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"one of {SCHEDULES}")
+        if self.loss not in ("contrastive", "triplet"):
+            bad("loss", "'contrastive' or 'triplet'")
+        if self.negatives is not None and self.negatives not in NEGATIVE_KINDS:
+            bad("negatives", f"None or one of {NEGATIVE_KINDS}")
+        if self.positives is not None and self.positives not in POSITIVE_KINDS:
+            bad("positives", f"None or one of {POSITIVE_KINDS}")
+        if self.variant not in ("paper", "acf-code"):
+            bad("variant", "'paper' or 'acf-code'")
+        if self.embed_dim % self.heads:
+            bad("embed_dim", f"divisible by heads={self.heads}")
+        if not self.tau > 0:
+            bad("tau", "> 0")
+        if not 0 <= self.lam <= 1:
+            bad("lam", "in [0, 1]")
+        if self.step_epochs < 1:
+            bad("step_epochs", ">= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**d)

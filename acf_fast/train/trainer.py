@@ -1,0 +1,422 @@
+"""The training loop of spec §6: Adam, batch 64, gradient clip 2.0, step or cosine
+schedule, bf16 autocast on GPU, frozen (default) or fine-tuned text encoder,
+validation on the dev split every epoch (best checkpoint by rsum), JSON-lines log,
+exact resume, DDP under torchrun.
+
+    from acf_fast.train.config import TrainConfig
+    from acf_fast.train.trainer import train
+    run = train(TrainConfig(data="data/", out="runs/a", epochs=5))
+
+Run folder: config.json, log.jsonl, best.safetensors, last.safetensors,
+last_state.pt (see ``checkpoint``). One epoch = every training caption once,
+paired with its image, in a seeded per-epoch order; the last partial batch is
+dropped (a contrastive batch needs its negatives).
+
+Randomness: model init from ``seed``; the epoch order from ``DistributedSampler``
+(seed, epoch); the negatives / positive choices from a ``torch.Generator`` seeded
+by (seed, epoch, rank). Everything a step draws is thus fixed by (seed, epoch,
+step), so resuming at an epoch boundary reproduces the uninterrupted run exactly
+on the CPU; the global RNG states are saved and restored as well.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .objective import Objective
+from .positives import build_positive_texts
+from .scoring import image_tensors, score_split
+
+# Settings a resumed run takes from the given config (None = keep the stored
+# value); everything else comes from the run's stored config.json.
+RESUME_OVERRIDES = ("epochs", "stop_after_epochs", "progress", "device", "backend")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} asked but no CUDA device is available")
+    return dev
+
+
+def build_model(cfg: TrainConfig, region_dim: int, global_dim: int, text_dim: int):
+    """A fresh ACF for ``cfg`` (seeded). ``no_cmf`` -> u2 = 0: the score is the global
+    term alone [choice]. For the paper variant that global term is still the pairwise
+    fused one (it is built from the attended features, so the attention stays and
+    only the local-score term is dropped); for acf-code it is Gi·Gt of the per-item
+    vectors, i.e. no cross-modal attention at all."""
+    from acf_fast.model import ACF
+
+    torch.manual_seed(cfg.seed)
+    return ACF(variant=cfg.variant, embed_dim=cfg.embed_dim, heads=cfg.heads, region_dim=region_dim,
+               global_dim=global_dim, text_dim=text_dim, u2=0.0 if cfg.no_cmf else None)
+
+
+class LRFactor:
+    """Multiplier of the base lr at optimiser step ``t`` (a class so LambdaLR saves it).
+
+    step:   0.1 ** (epoch // step_epochs)            (paper)
+    cosine: floor + (1 - floor) · ½(1 + cos(π t / T)) (authors' code; floor = final / base)
+    """
+
+    def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, step_epochs: int, floor: float):
+        self.schedule, self.steps_per_epoch, self.epochs = schedule, steps_per_epoch, epochs
+        self.step_epochs, self.floor = step_epochs, floor
+
+    def __call__(self, t: int) -> float:
+        if self.schedule == "step":
+            return 0.1 ** ((t // max(1, self.steps_per_epoch)) // self.step_epochs)
+        frac = min(1.0, t / max(1, self.steps_per_epoch * self.epochs))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def encode_positives(texts, encoder_getter, folder: Path, name: str, max_length: int, progress: bool,
+                     encoder_name: Optional[str] = None):
+    """Encode positive texts once through the shared caption cache (``encode_split``).
+
+    They are written as the pseudo-split ``name`` (``{name}_caps.txt``) of ``folder``
+    (``<data>/positives/``). When the cache already holds these texts, encoded by
+    ``encoder_name`` (the encoder recorded in the captions' own cache) with this
+    ``max_length``, the encoder is not even loaded. Returns (words (M, L, Db)
+    float32, mask (M, L) bool)."""
+    from acf_fast.data import encode_split, load_encoded
+    from acf_fast.data.checks import write_text_atomic
+    from acf_fast.data.encode import cache_path, captions_hash, read_cache_metadata
+
+    caps = folder / f"{name}_caps.txt"
+    if not caps.is_file() or caps.read_text(encoding="utf-8") != "".join(t + "\n" for t in texts):
+        write_text_atomic(caps, texts)
+    meta = read_cache_metadata(cache_path(folder, name)) or {}
+    fresh = (encoder_name is not None and meta.get("encoder") == encoder_name
+             and meta.get("captions_sha256") == captions_hash(texts) and meta.get("max_length") == str(max_length))
+    if not fresh:
+        encode_split(folder, name, encoder_getter(), max_length=max_length, dtype=torch.float16, progress=progress)
+    return load_encoded(folder, name)
+
+
+def _rows(words, mask, idx):
+    """Rows idx of cached features, trimmed to the batch's longest text; float32."""
+    m = mask[idx]
+    L = int(m.any(0).nonzero().max()) + 1
+    return words[idx, :L].float(), m[:, :L]
+
+
+def _pad_ids(ids_list, pad_id: int):
+    L = max(len(x) for x in ids_list)
+    ids = torch.full((len(ids_list), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids_list), L, dtype=torch.bool)
+    for r, x in enumerate(ids_list):
+        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[r, : len(x)] = True
+    return ids, mask
+
+
+class TrainData:
+    """The training split, its text features (frozen) or captions (fine-tuned), positives."""
+
+    def __init__(self, cfg: TrainConfig, encoder_getter, log):
+        from acf_fast.data import encode_split, load_encoded, load_split
+
+        self.cfg = cfg
+        self.split = load_split(cfg.data, cfg.train_split)
+        t2i = np.asarray(self.split.txt2img, dtype=np.int64)
+        self.txt2img = t2i
+        n_img = self.split.regions.shape[0]
+        keep = n_img if cfg.train_images is None else min(cfg.train_images, n_img)
+        self.captions_idx = np.flatnonzero(t2i < keep)
+        if len(self.captions_idx) < cfg.batch_size:
+            raise ValueError(f"the training split has {len(self.captions_idx)} captions, fewer than batch_size={cfg.batch_size}")
+        self.encoder = None
+        if cfg.finetune:
+            self.encoder = encoder_getter()
+        else:
+            folder = Path(cfg.data)
+            if not (folder / f"{cfg.train_split}_words.safetensors").is_file():
+                encode_split(folder, cfg.train_split, encoder_getter())
+            self.words, self.mask = load_encoded(folder, cfg.train_split)
+        self.pos = None
+        words_encoder = None
+        if not cfg.finetune:
+            from acf_fast.data.encode import cache_path, read_cache_metadata
+
+            words_encoder = (read_cache_metadata(cache_path(cfg.data, cfg.train_split)) or {}).get("encoder")
+        if cfg.positives is not None and cfg.loss != "triplet":
+            texts = build_positive_texts(self.split.captions, t2i, cfg.seed)
+            kinds = ("long", "short") if cfg.positives == "both" else (cfg.positives,)
+            self.pos_texts = {k: texts[k] for k in kinds}
+            if not cfg.finetune:
+                self.pos = {}
+                for k in kinds:
+                    name = f"{cfg.train_split}_{k}_s{cfg.seed}"
+                    log(f"positives ({k}): {len(texts[k])} texts, cached as {Path(cfg.data) / 'positives' / name}")
+                    # A long positive holds two captions: give it room for both.
+                    mlen = 2 * cfg.max_length if k == "long" else cfg.max_length
+                    self.pos[k] = encode_positives(texts[k], encoder_getter, Path(cfg.data) / "positives", name,
+                                                   mlen, cfg.progress, words_encoder)
+
+    def __len__(self) -> int:
+        return len(self.captions_idx)
+
+    def _pick_kinds(self, B: int, gen: torch.Generator):
+        if self.cfg.positives == "both":
+            return ["long" if c else "short" for c in (torch.rand(B, generator=gen) < 0.5).tolist()]
+        return [self.cfg.positives] * B
+
+    def batch(self, positions, gen: torch.Generator, device) -> dict:
+        """positions: indices into the training captions -> a batch dict for ``Objective``."""
+        caps = self.captions_idx[np.asarray(positions)]
+        imgs = self.txt2img[caps]
+        regions, rmask, glob = image_tensors(self.split, imgs, device)
+        out = {"regions": regions, "region_mask": rmask, "globals": glob}
+        cidx = torch.from_numpy(caps)
+        if self.encoder is None:
+            w, m = _rows(self.words, self.mask, cidx)
+            out["words"], out["mask"] = w.to(device), m.to(device)
+        else:
+            tok = self.encoder.tokenize([self.split.captions[c] for c in caps], self.cfg.max_length)
+            ids, m = _pad_ids(tok, self.encoder.tokenizer.pad_token_id or 0)
+            out["input_ids"], out["mask"] = ids.to(device), m.to(device)
+        if self.cfg.positives is not None and self.cfg.loss != "triplet":
+            kinds = self._pick_kinds(len(caps), gen)
+            if self.encoder is None:
+                parts = {k: _rows(*self.pos[k], cidx) for k in set(kinds)}
+                L = max(p[0].shape[1] for p in parts.values())
+                w = torch.zeros(len(caps), L, parts[kinds[0]][0].shape[2])
+                m = torch.zeros(len(caps), L, dtype=torch.bool)
+                for r, k in enumerate(kinds):
+                    pw, pm = parts[k]
+                    w[r, : pw.shape[1]], m[r, : pm.shape[1]] = pw[r], pm[r]
+                L = int(m.any(0).nonzero().max()) + 1
+                out["pos_words"], out["pos_mask"] = w[:, :L].to(device), m[:, :L].to(device)
+            else:
+                texts = [self.pos_texts[k][c] for k, c in zip(kinds, caps)]
+                ids, m = _pad_ids(self.encoder.tokenize(texts, 2 * self.cfg.max_length), self.encoder.tokenizer.pad_token_id or 0)
+                out["pos_input_ids"], out["pos_mask"] = ids.to(device), m.to(device)
+        return out
+
+
+class DevData:
+    """The dev split (first ``dev_images`` images and their captions) for validation."""
+
+    def __init__(self, cfg: TrainConfig, encoder_getter, device):
+        from acf_fast.data import encode_split, load_encoded, load_split
+
+        split = load_split(cfg.data, cfg.dev_split)
+        n = split.regions.shape[0] if cfg.dev_images is None else min(cfg.dev_images, split.regions.shape[0])
+        t2i = np.asarray(split.txt2img, dtype=np.int64)
+        self.caps = np.flatnonzero(t2i < n)
+        self.txt2img = t2i[self.caps]
+        self.regions, self.region_mask, self.globals = image_tensors(split, np.arange(n), device)
+        self.captions = [split.captions[c] for c in self.caps]
+        if not cfg.finetune:
+            folder = Path(cfg.data)
+            if not (folder / f"{cfg.dev_split}_words.safetensors").is_file():
+                encode_split(folder, cfg.dev_split, encoder_getter())
+            words, mask = load_encoded(folder, cfg.dev_split)
+            self.words, self.mask = words[self.caps], mask[self.caps]
+
+    def evaluate(self, model, cfg: TrainConfig, encoder=None) -> dict:
+        from acf_fast.evaluate import recall_metrics
+
+        if encoder is not None:  # fine-tuned: re-encode with the current weights
+            encoder.model.eval()
+            words, mask = encoder.encode(self.captions, max_length=cfg.max_length, progress=False)
+            encoder.model.train()
+        else:
+            words, mask = self.words, self.mask
+        S = score_split(model, self.regions, self.region_mask, self.globals, words, mask, backend=cfg.backend,
+                        autocast=True)
+        return recall_metrics(S, torch.from_numpy(self.txt2img))
+
+
+class Trainer:
+    """Owns one run. ``Trainer(cfg, resume).run()`` -> the run folder."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.run_dir = Path(cfg.out)
+        if resume:
+            stored = self.run_dir / "config.json"
+            if not stored.is_file():
+                raise FileNotFoundError(f"--resume: {stored} not found; nothing to resume in {self.run_dir}")
+            saved = TrainConfig.from_dict(json.loads(stored.read_text()))
+            for k in RESUME_OVERRIDES:
+                if getattr(cfg, k) is not None or k == "stop_after_epochs":
+                    setattr(saved, k, getattr(cfg, k))
+            saved.out = str(self.run_dir)
+            cfg = saved
+        self.cfg = cfg.validate()
+        self.resume = resume
+        self.device = resolve_device(cfg.device)
+        self.dist = distributed.setup(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self._encoder = None
+
+    # -- helpers ---------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.dist.is_main and self.cfg.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def encoder(self):
+        if self._encoder is None:
+            from acf_fast.text_encoder import load_text_encoder
+
+            self._encoder = load_text_encoder(self.cfg.encoder, device=self.device)
+        return self._encoder
+
+    def _write_log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int, epoch: int) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        path = self.run_dir / "log.jsonl"
+        if not (self.dist.is_main and path.is_file()):
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("event") == "step" and rec["step"] > step:
+                continue
+            if rec.get("event") == "epoch" and rec["epoch"] >= epoch:
+                continue
+            keep.append(line)
+        checkpoint.atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+    def _save(self, model, name: str) -> None:
+        model.save(self.run_dir / f"{name}.safetensors")
+        if self.cfg.finetune:
+            checkpoint.save_encoder(self.run_dir / f"{name}_encoder.safetensors", self._encoder.model)
+
+    # -- main ------------------------------------------------------------
+    def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            distributed.teardown(self.dist)
+
+    def _run(self) -> Path:
+        cfg, dev = self.cfg, self.device
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+                (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+        distributed.barrier(self.dist)
+        # Rank 0 first: it writes the positives' encode cache that the others then read.
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+        data = TrainData(cfg, self.encoder, self.log)
+        if self.dist.is_main:
+            distributed.barrier(self.dist)
+        devdata = DevData(cfg, self.encoder, dev) if self.dist.is_main else None
+        split = data.split
+        region_dim = split.regions.shape[2]
+        global_dim = split.globals.shape[1] if split.globals is not None else region_dim
+        text_dim = data.words.shape[2] if not cfg.finetune else data.encoder.dim
+        model = build_model(cfg, region_dim, global_dim, text_dim).to(dev)
+        self.model = model
+        encoder = None
+        if cfg.finetune:
+            encoder = data.encoder
+            for p in encoder.model.parameters():
+                p.requires_grad_(True)
+            encoder.model.train()
+        objective = Objective(model, loss=cfg.loss, negatives=cfg.negatives, positives=cfg.positives is not None,
+                              tau=cfg.tau, lam=cfg.lam, margin=cfg.margin, backend=cfg.backend, encoder=encoder)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        sampler = torch.utils.data.DistributedSampler(range(len(data)), num_replicas=self.dist.world,
+                                                      rank=self.dist.rank, shuffle=True, seed=cfg.seed)
+        steps_per_epoch = len(sampler) // cfg.batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(f"{len(sampler)} captions per process is less than one batch of {cfg.batch_size}")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, LRFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.step_epochs, cfg.cosine_floor))
+        start_epoch, step, best = 0, 0, -1.0
+        if self.resume:
+            state = checkpoint.load_state(self.run_dir)
+            if state is None:
+                raise FileNotFoundError(f"--resume: no {checkpoint.STATE_NAME} in {self.run_dir}")
+            from acf_fast.model import ACF
+
+            model.load_state_dict(ACF.load(self.run_dir / "last.safetensors").state_dict())
+            if cfg.finetune:
+                checkpoint.load_encoder(self.run_dir / "last_encoder.safetensors", encoder.model)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step, best = state["epoch"], state["step"], state["best_rsum"]
+            checkpoint.set_rng_state(state["rng"])
+            self._truncate_log(step, start_epoch)
+            self.log(f"resumed {self.run_dir} at epoch {start_epoch}, step {step}")
+        wrapped = distributed.wrap(objective, self.dist, dev)
+        use_bf16 = dev.type == "cuda"
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + self.dist.rank)
+            from tqdm.auto import tqdm
+
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                       disable=not (cfg.progress and self.dist.is_main), leave=False)
+            losses = []
+            for s in bar:
+                batch = data.batch(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], gen, dev)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, _ = wrapped(batch, gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                step += 1
+                lv = float(loss.detach())
+                losses.append(lv)
+                bar.set_postfix(loss=f"{lv:.4f}")
+                self._write_log({"event": "step", "epoch": epoch, "step": step, "loss": lv, "lr": lr,
+                                 "grad_norm": float(gnorm)})
+            bar.close()
+            record = {"event": "epoch", "epoch": epoch, "step": step, "loss": float(np.mean(losses)),
+                      "train_seconds": round(time.time() - t0, 2)}
+            if self.dist.is_main:
+                metrics = devdata.evaluate(model, cfg, encoder)
+                record["dev"] = metrics
+                record["rsum"] = metrics["rsum"]
+                if metrics["rsum"] > best:
+                    best = metrics["rsum"]
+                    self._save(model, "best")
+                record["best_rsum"] = best
+                self._save(model, "last")
+                checkpoint.save_state(self.run_dir, {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1, "step": step, "best_rsum": best, "rng": checkpoint.rng_state(),
+                })
+                self._write_log(record)
+                self.log(f"epoch {epoch + 1}: loss {record['loss']:.4f}  dev rsum {metrics['rsum']:.1f}  "
+                         f"i2t R@1 {metrics['i2t']['r1']:.1f}  t2i R@1 {metrics['t2i']['r1']:.1f}  "
+                         f"({record['train_seconds']:.0f} s)")
+            distributed.barrier(self.dist)
+            if cfg.stop_after_epochs is not None and epoch + 1 >= cfg.stop_after_epochs:
+                break
+        return self.run_dir
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train as ``config`` says; returns the run folder (holds best.safetensors)."""
+    return Trainer(config, resume=resume).run()
