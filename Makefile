@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned so pip takes this machine's CPU build instead of a multi-GB CUDA one.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench bench-quick perf-readme ablation clean
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/acf-fast bench
+
+bench-quick: $(STAMP)
+	$(BIN)/acf-fast bench --quick
+
+ablation: $(STAMP)
+	$(BIN)/acf-fast ablation
+
+perf-readme: $(STAMP)
+	$(BIN)/acf-fast bench --readme
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
