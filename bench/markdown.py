@@ -205,8 +205,10 @@ def device_lines(results: dict) -> List[str]:
     out = [line]
     la = results.get("load_average") or {}
     if la.get("start"):
+        peak = max(la["start"][0], (la.get("end") or [0])[0] or 0)
+        busy = " (above the CPU count: other work shared the machine)" if la.get("cpus") and peak > la["cpus"] else ""
         out.append(f"Load average (1 min) at start / end of the run: {fmt_num(la['start'][0])} / "
-                   f"{fmt_num((la.get('end') or [None])[0])} on {la.get('cpus')} CPUs (above the CPU count, other work shared the machine).")
+                   f"{fmt_num((la.get('end') or [None])[0])} on {la.get('cpus')} CPUs{busy}.")
     g = d.get("gpu")
     if g:
         out.append(f"GPU: {g.get('name')} (UUID {g.get('uuid')}, driver {g.get('driver')}), SM clock {g.get('sm_clock_mhz')}"
