@@ -274,6 +274,15 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
 
     from concurrent.futures import ThreadPoolExecutor
 
+    def no_grad(fn):
+        # Grad mode is thread-local and pool threads start with it ON: without this,
+        # weights that require grad (a model's parameters) would build an autograd
+        # graph per pair chunk in the workers and hold every chunk's tensors alive.
+        def run(*args):
+            with torch.no_grad():
+                return fn(*args)
+        return run
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -282,8 +291,9 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
             for i0 in range(0, N, i_block):
                 i1 = min(N, i0 + i_block)
                 step = -(-(i1 - i0) // workers)
-                parts = list(pool.map(lambda a: image_part(a, min(i1, a + step)), range(i0, i1, step)))
-                cols = list(pool.map(lambda j0: text_block(parts, j0, min(M, j0 + t_block)), range(0, M, t_block)))
+                parts = list(pool.map(no_grad(lambda a: image_part(a, min(i1, a + step))), range(i0, i1, step)))
+                cols = list(pool.map(no_grad(lambda j0: text_block(parts, j0, min(M, j0 + t_block))),
+                                     range(0, M, t_block)))
                 rows.append(torch.cat(cols, dim=1))
         return torch.cat(rows, dim=0)
     finally:

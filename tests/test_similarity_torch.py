@@ -258,3 +258,29 @@ def test_worker_threads_give_identical_scores(variant):
         torch.set_num_threads(before)
     assert torch.allclose(one, three, atol=1e-6, rtol=0)
     assert (three.double() - reference(kw, 4)).abs().max().item() <= 1e-4
+
+
+def test_worker_threads_build_no_graph_for_parameters(monkeypatch):
+    """Scoring a model (weights that require grad) under no_grad must not build autograd
+    graphs in the pool threads: grad mode is thread-local, and a graph per pair chunk
+    kept every chunk's tensors alive (an evaluation of 1000 x 5000 ran out of memory)."""
+    kw = make_case(5, 19, 6, 5, 64, "paper", seed=62)
+    kw["weights"] = {k: v.clone().requires_grad_(True) for k, v in kw["weights"].items()}
+    seen = []
+    real = ft._pair_chunk
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out.requires_grad)
+        return out
+
+    monkeypatch.setattr(ft, "_pair_chunk", spy)
+    monkeypatch.setattr(ft, "_TEXT_BLOCK", 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            run(kw, 4, "torch")
+    finally:
+        torch.set_num_threads(before)
+    assert seen and not any(seen)
