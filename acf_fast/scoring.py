@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_text
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 _CHUNK_RE = re.compile(r"^rows_(\d+)_(\d+)\.npy$")
@@ -32,8 +34,6 @@ _CHUNK_RE = re.compile(r"^rows_(\d+)_(\d+)\.npy$")
 
 def _atomic_write(path: Path, write: Callable) -> None:
     """Call ``write(file)`` on a temp file in ``path``'s folder, then rename it over ``path``."""
-    from .data.checks import atomic_path
-
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             write(f)
@@ -42,7 +42,7 @@ def _atomic_write(path: Path, write: Callable) -> None:
 
 
 def write_json_atomic(path, obj) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def save_npy_atomic(path, arr: np.ndarray) -> None:

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +64,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from acf_fast import VARIANTS, acf_similarity  # noqa: E402  (imports no kernel module)
+from acf_fast.atomic import atomic_write_json  # noqa: E402
 from acf_fast.reference import reference_similarity  # noqa: E402
 from acf_fast.validate import check_similarity_inputs  # noqa: E402
 
@@ -256,19 +256,6 @@ def run_variant(variant, shape, device, dtype, args, log):
     rec["speedup_vs_torch"] = rec["torch_full_s_extrapolated"] / full
     log(f"[{variant}] speed-up vs eager x{rec['speedup_vs_eager']:.0f}, vs torch backend x{rec['speedup_vs_torch']:.1f}")
     return rec
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(args) -> int:

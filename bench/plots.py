@@ -8,8 +8,6 @@ Extrapolated times are drawn dashed with hollow markers so they never pass for m
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import List
 
@@ -19,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from acf_fast.atomic import atomic_write  # noqa: E402
+
 from .markdown import SIM_BACKENDS, flop_unit  # noqa: E402
 
 COLORS = {"eager": "tab:gray", "torch": "tab:blue", "torch.compile": "tab:green", "triton": "tab:red"}
@@ -26,16 +26,11 @@ MARKERS = {"eager": "o", "torch": "s", "torch.compile": "^", "triton": "D"}
 
 
 def _save(fig, path: Path) -> Path:
-    """Atomic PNG write (temp file in the same folder, then os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    """Atomic PNG write."""
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

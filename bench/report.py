@@ -13,12 +13,13 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from acf_fast.atomic import atomic_write_text  # noqa: F401  (bench.readme and compile_worker use it from here)
 
 from . import cases
 from .device import device_record
@@ -58,21 +59,6 @@ PROFILES = {
         "dtype": "bfloat16", "total_budget_s": 200.0,
     },
 }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(x):

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from acf_fast.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 from acf_fast.evaluate import recall_metrics  # noqa: E402
 from acf_fast.rerank import rerank_i2t, rerank_t2i, text_neighbors  # noqa: E402
 
@@ -90,14 +90,6 @@ def loop_ranks(S, txt2img, img_queries, txt_queries):
         order = np.argsort(-S[:, t], kind="stable")
         ranks.append(np.where(order == txt2img[t])[0][0])
     return ranks
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -20,7 +20,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from acf_fast import acf_similarity  # noqa: E402
+from acf_fast.atomic import atomic_write_json as write_json_atomic  # noqa: E402
 
 MATS = ("z_x", "z_y", "z_o", "x_w", "x_v", "x_g")
 
@@ -146,15 +146,6 @@ def _slice_kw(kw, n, m):
     if "global_emb" in out:
         out["global_emb"] = (out["global_emb"][0][:n], out["global_emb"][1][:m])
     return out
-
-
-def write_json_atomic(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -7,13 +7,12 @@ region file is streamed through memory, never loaded whole.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
+
+from ..atomic import atomic_path  # noqa: F401  (re-exported: the data layer's writers use it)
 
 # Rows per finiteness chunk: 256 COCO images (36 x 2048 float32) = 75 MB.
 CHUNK_BYTES = 64 * 2**20
@@ -109,28 +108,6 @@ def read_lines(path: Path, what: str) -> list:
     if lines and lines[-1] == "":
         lines.pop()
     return [ln.rstrip("\r") for ln in lines]
-
-
-@contextmanager
-def atomic_path(path: Path, suffix: str = ""):
-    """Yield a temp path in ``path``'s folder; on success move it over ``path``.
-
-    The temp file sits in the same folder so ``os.replace`` is an atomic rename;
-    on error it is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_text_atomic(path: Path, lines) -> None:
