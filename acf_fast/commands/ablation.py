@@ -10,11 +10,12 @@ the machine (node, processor, CPU count, GPU) and the date.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import time
 from pathlib import Path
+
+from ..machine import machine_record
 
 ROWS = (
     ("full", []),
@@ -32,29 +33,10 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else platform.processor()."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine(device) -> dict:
-    import torch
-
-    return {"node": platform.node(), "processor": cpu_model(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-
-
 def _markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"# Ablation (shape of the paper's Table 2) on the synthetic set",
+        "# Ablation (shape of the paper's Table 2) on the synthetic set",
         "",
         f"- machine: {m['node']} ({m['processor']}, {m['cpus']} CPUs" + (f", GPU {m['gpu']}" if m["gpu"] else "")
         + f"), torch {m['torch']}; date {result['date']}",
@@ -79,8 +61,6 @@ def _markdown(result: dict) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     from ..data import encode_split, write_synthetic
     from ..train.checkpoint import atomic_write_text
     from ..train.trainer import resolve_device
@@ -128,7 +108,7 @@ def run(args) -> int:
         metrics = json.loads((work / slug / "test_metrics.json").read_text())
         rows.append({"name": name, "switches": switches, "command": cmd, "test": metrics,
                      "seconds": round(time.time() - t, 1)})
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(device), "seed": args.seed,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_record(device), "seed": args.seed,
               "sizes": sizes, "epochs": preset["epochs"],
               "common": f"{args.variant} D={args.embed_dim} H={args.heads}, {preset['epochs']} epochs, batch "
                         f"{args.batch_size}, lr {args.lr}, frozen MiniLM",

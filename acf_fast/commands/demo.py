@@ -17,9 +17,10 @@ and the training set larger.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
+
+from ..machine import machine_record
 
 # CPU / GPU presets: (train images, dev images, test images, epochs) and model.
 CPU_SIZES = dict(train=500, dev=100, test=1000, epochs=1)
@@ -199,9 +200,7 @@ def run(args) -> int:
         "title": title, "test": {"images": int(regions.shape[0]), "captions": int(words.shape[0]), "protocol": protocol},
         "sizes": sizes, "synth_knobs": knobs, "epochs": preset["epochs"], "config": cfg.to_dict(), "rows": rows, "chance": chance,
         "timings_s": timings, "device": str(device),
-        "machine": {"node": platform.node(), "processor": __import__("acf_fast.commands.ablation", fromlist=["x"]).cpu_model(),
-                    "cpus": __import__("os").cpu_count(),
-                    "gpu": torch.cuda.get_device_name(device) if gpu else None},
+        "machine": machine_record(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out.mkdir(parents=True, exist_ok=True)
