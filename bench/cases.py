@@ -113,15 +113,7 @@ def _backend_callable(name: str, x, device):
     if name == "triton":
         if torch.device(device).type != "cuda":
             return None, "not timed on CPU: Triton runs here only in the interpreter (a correctness tool, not a speed path)"
-        try:
-            import acf_fast.kernels.similarity  # noqa: F401
-        except ImportError as err:
-            return None, f"not available: {err}"
         return (lambda: acf_similarity(*args, backend="triton", **x.kwargs)), None
-    try:
-        from acf_fast.fused_torch import torch_similarity
-    except ImportError as err:
-        return None, f"not available: {err}"
     if name == "torch":
         return (lambda: acf_similarity(*args, backend="torch", **x.kwargs)), None
     if name == "torch.compile":
@@ -315,11 +307,8 @@ def rerank_case(sizes: Sequence[tuple], device, *, baseline_queries: int = 500, 
     is extrapolated per query to all of them (stated in the row's note).
     """
     device = torch.device(device)
-    try:
-        from acf_fast.rerank import rerank_i2t, rerank_t2i
-    except ImportError as err:
-        return [{"case": "rerank", "N": n, "M": m, "backend": "acf_fast", "status": "not timed",
-                 "note": f"not available: {err}"} for n, m in sizes]
+    from acf_fast.rerank import rerank_i2t, rerank_t2i
+
     rows = []
     for done, (N, M) in enumerate(_progress(sizes, "rerank", progress)):
         if _late(deadline, done):
@@ -369,11 +358,8 @@ def metrics_case(sizes: Sequence[tuple], device, *, baseline_queries: int = 1000
     and scaled per query when the slice is smaller than the size.
     """
     device = torch.device(device)
-    try:
-        from acf_fast.evaluate import recall_metrics
-    except ImportError as err:
-        return [{"case": "metrics", "N": n, "M": m, "backend": "acf_fast", "status": "not timed",
-                 "note": f"not available: {err}"} for n, m in sizes]
+    from acf_fast.evaluate import recall_metrics
+
     rows = []
     for done, (N, M) in enumerate(_progress(sizes, "metrics", progress)):
         if _late(deadline, done):
@@ -424,11 +410,7 @@ def train_step_case(device, *, batch: int = 16, variants: Sequence[str] = ("pape
         if name == "triton" and device.type != "cuda":
             rows.append(dict(row, status="not timed", note="not timed on CPU: Triton runs here only in the interpreter"))
             continue
-        try:
-            step, info = make_train_step(variant, name, batch=batch, device=device, seed=seed)
-        except ImportError as err:
-            rows.append(dict(row, status="not timed", note=f"not available: {err}"))
-            continue
+        step, info = make_train_step(variant, name, batch=batch, device=device, seed=seed)
 
         def call(step=step):
             step()
@@ -455,6 +437,8 @@ def energy_case(device, *, N: int = 5000, M: int = 25000, variant: str = "paper"
     if device.type != "cuda":
         return []
     from acf_fast import acf_similarity
+    from acf_fast.evaluate import recall_metrics
+    from acf_fast.rerank import rerank_i2t, rerank_t2i
 
     from .device import EnergyMeter
 
@@ -463,20 +447,9 @@ def energy_case(device, *, N: int = 5000, M: int = 25000, variant: str = "paper"
 
     def evaluate():
         S = acf_similarity(x.V, x.v_mask, x.W, x.w_mask, backend="auto", **x.kwargs)
-        out = {}
-        try:
-            from acf_fast.evaluate import recall_metrics
-
-            out["metrics"] = recall_metrics(S, txt2img)
-        except ImportError:
-            pass
-        try:
-            from acf_fast.rerank import rerank_i2t, rerank_t2i
-
-            rerank_i2t(S, k=15)
-            rerank_t2i(S, _text_neighbors_for(S, device), k=20)
-        except ImportError:
-            pass
+        out = {"metrics": recall_metrics(S, txt2img)}
+        rerank_i2t(S, k=15)
+        rerank_t2i(S, _text_neighbors_for(S, device), k=20)
         torch.cuda.synchronize()
         return out
 

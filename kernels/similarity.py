@@ -54,8 +54,8 @@ P·V) and float32 otherwise (float64 input is scored in float32). fp32 dots use
 switches to tf32 (its own, looser tolerance).
 
 Backward: :class:`TritonSimilarityFunction` stores only its inputs; its backward
-recomputes S block by block with the ``torch`` backend (``acf_fast.fused_torch``;
-the eager backend if that module is absent) under autograd and back-propagates
+recomputes S block by block with the ``torch`` backend (``acf_fast.fused_torch``)
+under autograd and back-propagates
 the incoming gradient of each block, so gradients reach V, W, G, global_emb and
 every weight without any per-pair tensor kept from the forward.
 """
@@ -69,6 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
+from acf_fast.fused_torch import torch_similarity
 from acf_fast.precompute import ItemSide, precompute_items
 
 __all__ = [
@@ -95,8 +96,10 @@ _REG_TILE = 8192
 _SMEM_TILE_BYTES = 128 * 1024
 # Programs per launch (CUDA's limit on grid dimension x).
 _MAX_GRID = 2**31 - 1
-# Pairs per backward block with the eager fallback: bounds the graph it holds.
-_BACKWARD_PAIRS = 2048
+# Pairs per backward recompute block. The torch backend bounds its own memory
+# (chunked, checkpointed), so a block can span many images and texts, and the
+# texts' precompute is redone once per block rather than once per image.
+_BACKWARD_PAIRS = 2**20
 
 
 def _pow2(n: int) -> int:
@@ -643,24 +646,6 @@ def fused_similarity(img: KernelSide, txt: KernelSide, *, scale, u1, u2, global_
 # --------------------------------------------------------------------------- autograd
 
 
-def _backend_fn():
-    """(backend function, pairs per backward block) for the recompute.
-
-    The torch backend bounds its own memory (chunked, checkpointed), so it gets whole
-    image blocks of up to 2^20 pairs: the texts' precompute is then redone once per
-    block, not once per image. The eager fallback (only if acf_fast.fused_torch is
-    missing) materialises per-pair tensors, so it gets small blocks.
-    """
-    try:
-        from acf_fast.fused_torch import torch_similarity
-
-        return torch_similarity, 2**20
-    except ImportError:
-        from acf_fast.eager import eager_similarity
-
-        return eager_similarity, _BACKWARD_PAIRS
-
-
 class TritonSimilarityFunction(torch.autograd.Function):
     """Forward: the fused kernel. Backward: blockwise recompute with the torch backend.
 
@@ -684,7 +669,7 @@ class TritonSimilarityFunction(torch.autograd.Function):
         V, v_mask, W, w_mask, G, Gi, Gt, *weight_list = ctx.saved_tensors
         cfg = ctx.config
         names = cfg["weight_names"]
-        fn, block_pairs = _backend_fn()
+        fn, block_pairs = torch_similarity, _BACKWARD_PAIRS
         need = ctx.needs_input_grad
         N, M = V.shape[0], W.shape[0]
         gV = torch.zeros_like(V) if need[0] else None
