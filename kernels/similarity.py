@@ -20,8 +20,6 @@ under autograd and back-propagates the incoming gradient of each block, so gradi
 reach V, W, G, global_emb and every weight without any per-pair tensor kept from
 the forward.
 """
-from __future__ import annotations
-
 import os
 from typing import Optional
 

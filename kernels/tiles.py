@@ -101,7 +101,10 @@ def _pair_rows_mask(PP: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr):
     return pr // GT, pr % GT, pr < GIP * GT
 
 
-@triton.jit
+# Sizes are not specialised (no recompile between a slice and the full grid, nor between
+# buckets of different sizes); strides of the head-major layouts stay specialised so that
+# the compiler can prove 16-byte row alignment and vectorise the tile loads.
+@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt", "E"])
 def _tile_kernel(
     S_ptr, stride_sn, stride_sm,
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
@@ -183,6 +186,11 @@ def _tile_kernel(
                 wq = tl.load(wq_ptr + hw + w_off, mask=col_in[:, None], other=0.0)
 
             # ---- regions -> words: rows = regions, segments = texts (LB columns each)
+            if not FULL:
+                # Γw first: it goes to shared memory as the next dot's operand, so its
+                # registers are free before the logits tile is live (no spill at 8 warps).
+                gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
+                gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
             x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
             p, ssum = _seg_softmax_cols(x * c_i2t, w_valid3, BR, GT, LB)
             if O_IS_Q:
@@ -196,11 +204,9 @@ def _tile_kernel(
             if FULL:
                 tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
             else:
-                gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
-                gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
-                p2 = tl.reshape(p, (BR, BC))
-                y = tl.dot(p2.to(wk.dtype), gw, input_precision=DOT_PREC)
-                nrm_i += tl.sum(tl.reshape(y * p2, (BR, GT, LB)), axis=2) / (ssum * ssum)
+                p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)  # the fp32 weights die here
+                y = tl.dot(p2, gw, input_precision=DOT_PREC)
+                nrm_i += tl.sum(tl.reshape(y * p2.to(tl.float32), (BR, GT, LB)), axis=2) / (ssum * ssum)
             if PAIRWISE:
                 # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
                 pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
@@ -217,6 +223,9 @@ def _tile_kernel(
                          mask=ok[:, None])
 
             # ---- words -> regions: rows = tokens, segments = images (K columns each)
+            if not FULL:
+                gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
+                gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
             xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
             q, qsum = _seg_softmax_rowsegs(xt * c_t2i, img_r, v_valid, GI, GIP)
             if O_IS_Q:
@@ -234,10 +243,9 @@ def _tile_kernel(
             if FULL:
                 tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
             else:
-                gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
-                gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
-                z = tl.dot(q.to(vk.dtype), gv, input_precision=DOT_PREC)
-                nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) / (qsum * qsum)
+                q2 = q.to(vk.dtype)
+                z = tl.dot(q2, gv, input_precision=DOT_PREC)
+                nrm_t += _seg_sum_cols(z * q2.to(tl.float32), img_r, GI, GIP) / (qsum * qsum)
             if PAIRWISE:
                 # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
                 bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
@@ -487,8 +495,7 @@ def tile_images(side, st: torch.dtype) -> TileImages:
     Q, Kk, O = _tile_qko(side.Q, side.Kk, side.O, head_width(H * d, H), st)
     gam = None
     if not side.block_diagonal:
-        HK = H * K
-        hkp = triton.cdiv(HK, QUAD_CHUNK) * QUAD_CHUNK
+        HK, hkp = H * K, hkp_of(H, K)
         gam = torch.nn.functional.pad(side.gram.to(st), (0, hkp - HK, 0, hkp - HK)).contiguous()
     return TileImages(Q, Kk, O, side.mask.reshape(-1).to(torch.int8).contiguous(),
                       side.norm.reshape(-1).to(torch.float32).contiguous(), gam,
@@ -617,33 +624,56 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
 
 
 def _configs(interpret: bool):
+    """8 warps (two warpgroups, one per 64 tile rows): at 4 warps the offline sm_90 build
+    spills ~2 KB per thread. Two shared-memory stages only where they fit in 227 KB."""
     if interpret:
         return [triton.Config({"GROUP_I": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"GROUP_I": g}, num_warps=w, num_stages=s)
-            for g, w, s in ((16, 8, 1), (16, 8, 2), (64, 8, 2))]
+    return [triton.Config({"GROUP_I": 16}, num_warps=8, num_stages=s) for s in (1, 2)]
+
+
+def _prune(configs, named_args, **meta):
+    """Full Γ and fp32 operands need one stage (two overflow shared memory); the
+    block-diagonal bf16 tile tries both."""
+    if meta.get("FULL") or meta.get("DOT_PREC") != "tf32" or meta.get("DH", 0) > 128:
+        return [c for c in configs if c.num_stages == 1] or configs[:1]
+    return configs
 
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
              "DOT_PREC"]
-_tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY)(_tile_kernel)
+_tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
+
+
+def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
+                    embed: bool, E: int, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+    """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
+
+    H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
+    HKP the padded H*K of the full Γv (ignored unless ``full``)."""
+    GI, BR = image_tile_shape(K, rows)
+    BC = max(cols, LB)
+    GT = BC // LB
+    GIP = triton.next_power_of_2(GI)
+    return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
+                PP=max(_MIN_DOT, GIP * GT), HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
+                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed,
+                BLOCK_E=min(64, triton.next_power_of_2(max(E, 1))), DOT_PREC=dot_prec)
+
+
+def hkp_of(H: int, K: int) -> int:
+    """H*K padded to whole QUAD_CHUNK columns (the full Γv's side in the tiles)."""
+    return triton.cdiv(H * K, QUAD_CHUNK) * QUAD_CHUNK
 
 
 def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool, E: int,
               cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
-    """Compile-time parameters of :func:`_tile_kernel` for one (images, bucket) launch."""
+    """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``."""
     img = plan.images
     H, _, DH = img.Q.shape
-    GI, BR = image_tile_shape(img.K, rows)
-    BC = max(cols, bucket.LB)
-    GT = BC // bucket.LB
-    GIP = triton.next_power_of_2(GI)
-    HKP = img.gam.shape[1] if plan.full else QUAD_CHUNK
-    HL = H * bucket.LB
-    return dict(H=H, DH=DH, K=img.K, LB=bucket.LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
-                PP=max(_MIN_DOT, GIP * GT), HKP=HKP, QCV=QUAD_CHUNK, QCW=min(HL, 128),
-                FULL=plan.full, SHARED_QK=img.Kk is img.Q, O_IS_Q=img.O is img.Q,
-                PAIRWISE=plan.glob is not None, EMBED=embed,
-                BLOCK_E=min(64, triton.next_power_of_2(max(E, 1))), DOT_PREC=dot_prec)
+    return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
+                           pairwise=plan.glob is not None, embed=embed, E=E,
+                           HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows)
 
 
 def _num_sms(device) -> int:
