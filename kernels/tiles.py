@@ -37,35 +37,35 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _seg_softmax_cols(x, valid3, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
-    """x (BR, GT*LB) fp32 already scaled by log2(e)·s; valid3 (1, GT, LB) bool.
+def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
+    """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e).
 
     Returns (p (BR, GT, LB) fp32 unnormalised exp2 weights, 0 at invalid columns;
     ssum (BR, GT) fp32 segment sums, 1 where a segment has no valid column)."""
-    x3 = tl.reshape(x, (BR, GT, LB))
-    x3 = tl.where(valid3, x3, float("-inf"))
+    x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
     m = tl.max(x3, axis=2)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.where(valid3, tl.exp2(x3 - m[:, :, None]), 0.0)
+    m = tl.where(m == float("-inf"), 0.0, m * c)
+    p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
     ssum = tl.sum(p, axis=2)
     return p, tl.where(ssum > 0.0, ssum, 1.0)
 
 
 @triton.jit
-def _seg_softmax_rowsegs(x, seg, valid, GI: tl.constexpr, GIP: tl.constexpr):
-    """x (BC, BR) fp32 scaled; seg (BR,) int32 image slot of each column; valid (BR,) bool.
+def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
+    """x (BC, BR) fp32 raw logits; seg (BR,) int32 image slot of each column; valid (BR,)
+    bool; c = s·log2(e). Segments are the GI images of the tile (K columns each, not a
+    power of two, hence masked passes).
 
-    Segments are the GI images of the tile (K columns each, not a power of two, hence
-    masked passes). Returns (p (BC, BR) unnormalised, 0 at invalid columns;
-    ssum (BC, GIP) segment sums, 1 where a segment has no valid column)."""
+    Returns (p (BC, BR) unnormalised, 0 at invalid columns; ssum (BC, GIP) segment sums,
+    1 where a segment has no valid column)."""
     xm = tl.where(valid[None, :], x, float("-inf"))
     m_el = tl.zeros_like(x)
     for g in tl.static_range(GI):
         in_g = (seg == g)[None, :]
         mg = tl.max(tl.where(in_g, xm, float("-inf")), axis=1)
-        mg = tl.where(mg == float("-inf"), 0.0, mg)
+        mg = tl.where(mg == float("-inf"), 0.0, mg * c)
         m_el = tl.where(in_g, mg[:, None], m_el)
-    p = tl.where(valid[None, :], tl.exp2(xm - m_el), 0.0)
+    p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
     ssum = _seg_sum_cols(p, seg, GI, GIP)
     return p, tl.where(ssum > 0.0, ssum, 1.0)
 
@@ -192,7 +192,7 @@ def _tile_kernel(
                 gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
                 gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
             x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
-            p, ssum = _seg_softmax_cols(x * c_i2t, w_valid3, BR, GT, LB)
+            p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
             if O_IS_Q:
                 xn = x
             else:
@@ -227,7 +227,7 @@ def _tile_kernel(
                 gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
                 gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
             xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
-            q, qsum = _seg_softmax_rowsegs(xt * c_t2i, img_r, v_valid, GI, GIP)
+            q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
             if O_IS_Q:
                 xtn = xt
             else:
