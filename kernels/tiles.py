@@ -101,6 +101,18 @@ def _pair_rows_mask(PP: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr):
     return pr // GT, pr % GT, pr < GIP * GT
 
 
+@triton.jit
+def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.constexpr, GI: tl.constexpr,
+                     GT: tl.constexpr, H: tl.constexpr, DH: tl.constexpr):
+    """vals (PP, DH), row pr = pair (image slot pr // GT, text slot pr % GT), into head h's
+    columns of the (pairs, H*DH) buffer at ``ptr`` (row = image * Mb + bucket text)."""
+    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+    prow = (i0 + pg) * Mb + t0 + pj
+    ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
+    d = tl.arange(0, DH)
+    tl.store(ptr + prow[:, None] * (H * DH) + h * DH + d[None, :], vals.to(ptr.dtype.element_ty), mask=ok[:, None])
+
+
 # Sizes are not specialised (no recompile between a slice and the full grid, nor between
 # buckets of different sizes); strides of the head-major layouts stay specialised so that
 # the compiler can prove 16-byte row alignment and vectorise the tile loads.
@@ -187,8 +199,8 @@ def _tile_kernel(
 
             # ---- regions -> words: rows = regions, segments = texts (LB columns each)
             if not FULL:
-                # Γw first: it goes to shared memory as the next dot's operand, so its
-                # registers are free before the logits tile is live (no spill at 8 warps).
+                # Γw first: it goes to shared memory as a later dot's operand, so its
+                # registers are free before the logits tile is live.
                 gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
                 gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
             x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
@@ -217,10 +229,7 @@ def _tile_kernel(
                     pick = (pg == g)[:, None] & (txt_c[None, :] == pj[:, None])
                     ablk = tl.where(pick, (colsum / cg)[None, :], ablk)
                 kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
-                prow = (i0 + pg) * Mb + t0 + pj
-                ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
-                tl.store(kap_ptr + prow[:, None] * (H * DH) + h * DH + d[None, :], kap.to(kap_ptr.dtype.element_ty),
-                         mask=ok[:, None])
+                _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
 
             # ---- words -> regions: rows = tokens, segments = images (K columns each)
             if not FULL:
@@ -257,10 +266,7 @@ def _tile_kernel(
                     pick = (pj == j)[:, None] & (img_r[None, :] == pg[:, None])
                     bblk = tl.where(pick, rowj[None, :], bblk)
                 lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
-                prow = (i0 + pg) * Mb + t0 + pj
-                ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
-                tl.store(lam_ptr + prow[:, None] * (H * DH) + h * DH + d[None, :], lam.to(lam_ptr.dtype.element_ty),
-                         mask=ok[:, None])
+                _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
 
         if FULL:
             # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
