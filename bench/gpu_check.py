@@ -451,9 +451,10 @@ def _rerank(record, device, log, args):
     try:
         from bench import rerank_gpu
 
-        record["rerank"] = rerank_gpu.run(device, log, smoke=args.smoke)
-        for f in record["rerank"].get("failures", []):
-            record["failures"].append(f"rerank: {f}")
+        rec = record["rerank"] = rerank_gpu.run(device, log, smoke=args.smoke)
+        if not rec.get("ok"):  # run() never raises: errors and failed checks are in the record
+            errs = [str(e).splitlines()[0] if str(e) else repr(e) for e in rec.get("errors", [])] or ["ok is False"]
+            record["failures"] += [f"rerank: {e}" for e in errs]
     except Exception as err:
         record["rerank"] = {"error": f"{type(err).__name__}: {err}"}
         record["failures"].append(f"rerank: {type(err).__name__}: {err}")
