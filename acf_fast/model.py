@@ -207,7 +207,7 @@ class ACF(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from .data.checks import atomic_path
+        from .atomic import atomic_path
 
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.update({CONFIG_KEY: json.dumps(self.config, sort_keys=True), FORMAT_KEY: FORMAT, "format": "pt"})

@@ -24,7 +24,9 @@ import torch
 
 def run_child(args_path: str, out_path: str) -> None:
     from . import cases
-    from .report import _jsonable, atomic_write_text
+    from acf_fast.atomic import atomic_write_text
+
+    from .report import _jsonable
 
     a = json.loads(Path(args_path).read_text())
     torch.set_num_threads(a["threads"])

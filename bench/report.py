@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from acf_fast.atomic import atomic_write_text  # noqa: F401  (bench.readme and compile_worker use it from here)
+from acf_fast.atomic import atomic_write_text
+from acf_fast.machine import resolve_device
 
 from . import cases
 from .device import device_record
@@ -119,9 +120,7 @@ def run_report(*, device: Optional[str] = None, quick: bool = False, case_names:
                variants: Sequence[str] = ("paper", "acf-code"), out_dir: Path = RESULTS_DIR, plots: bool = True,
                progress: bool = True, similarity_sizes: Optional[Sequence[tuple]] = None, log=print) -> Path:
     """Run the sweep and write the JSON, markdown and PNGs; returns the JSON path."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but torch sees no CUDA device")
+    dev = resolve_device(device)
     unknown = set(case_names) - set(ALL_CASES)
     if unknown:
         raise ValueError(f"--cases: unknown {sorted(unknown)}; expected any of {', '.join(ALL_CASES)}")

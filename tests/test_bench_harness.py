@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from acf_fast.atomic import atomic_write_text
 from acf_fast.commands.bench import _sizes, load_bench_package
 
 load_bench_package()
@@ -281,8 +282,8 @@ def test_readme_block_from_newest_results(tmp_path):
     old["created"] = old["device"]["date"] = "2026-01-01T00:00:00+00:00"
     old["device"]["name"] = "Old CPU"
     new = _fake_results()
-    report.atomic_write_text(res_dir / "old.json", json.dumps(report._jsonable(old)))
-    report.atomic_write_text(res_dir / "new.json", json.dumps(report._jsonable(new)))
+    atomic_write_text(res_dir / "old.json", json.dumps(report._jsonable(old)))
+    atomic_write_text(res_dir / "new.json", json.dumps(report._jsonable(new)))
     (res_dir / "junk.json").write_text("{not json")
     text = "# Title\n\nintro\n\n## Performance\n\n" + readme.START + "\nstale 123\n" + readme.END + "\n\n## After\n"
     path = tmp_path / "README.md"
