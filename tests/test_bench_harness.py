@@ -16,7 +16,7 @@ from acf_fast.commands.bench import _sizes, load_bench_package
 
 load_bench_package()
 
-from bench import baselines, cases, device, flops, markdown, readme, report, timing  # noqa: E402
+from bench import baselines, cases, device, flops, markdown, readme, report, timing, workloads  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -282,8 +282,8 @@ def test_readme_block_from_newest_results(tmp_path):
     old["created"] = old["device"]["date"] = "2026-01-01T00:00:00+00:00"
     old["device"]["name"] = "Old CPU"
     new = _fake_results()
-    atomic_write_text(res_dir / "old.json", json.dumps(report._jsonable(old)))
-    atomic_write_text(res_dir / "new.json", json.dumps(report._jsonable(new)))
+    atomic_write_text(res_dir / "old.json", json.dumps(report.jsonable(old)))
+    atomic_write_text(res_dir / "new.json", json.dumps(report.jsonable(new)))
     (res_dir / "junk.json").write_text("{not json")
     text = "# Title\n\nintro\n\n## Performance\n\n" + readme.START + "\nstale 123\n" + readme.END + "\n\n## After\n"
     path = tmp_path / "README.md"
@@ -322,7 +322,7 @@ def test_load_results_rejects_other_json(tmp_path):
 
 
 def test_jsonable_drops_nan():
-    assert report._jsonable({"a": float("nan"), "b": (1, float("inf")), "c": 2.0}) == {"a": None, "b": [1, None], "c": 2.0}
+    assert report.jsonable({"a": float("nan"), "b": (1, float("inf")), "c": 2.0}) == {"a": None, "b": [1, None], "c": 2.0}
 
 
 # -------------------------------------------------------------------- CLI
@@ -413,3 +413,35 @@ def test_compile_worker_budget_reports_not_timed():
 def test_flop_unit_follows_the_ceiling():
     assert markdown.flop_unit({"ceiling": [{"tflops": 0.1}]}) == ("GFLOP/s", 1e3)
     assert markdown.flop_unit({"ceiling": [{"tflops": 700.0}]}) == ("TFLOP/s", 1.0)
+
+
+# ------------------------------------------------ command lines over the harness
+
+
+def test_similarity_cpu_cli_is_the_report_case(tmp_path, capsys):
+    from bench import similarity_cpu
+
+    out = tmp_path / "sim.json"
+    assert similarity_cpu.main(["--images", "2", "--texts", "6", "--eager-texts", "3", "--dim", "32", "--heads", "2",
+                                "--regions", "5", "--min-len", "2", "--max-len", "4", "--repeats", "1",
+                                "--variants", "acf-code", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["backend"], r["M"]): r for r in rows}
+    assert set(by) == {("eager", 3), ("torch", 3), ("eager", 6), ("torch", 6)}
+    assert by[("eager", 3)]["status"] == by[("torch", 3)]["status"] == by[("torch", 6)]["status"] == "measured"
+    assert by[("eager", 6)]["status"] == "extrapolated"
+    assert by[("torch", 3)]["max_abs_diff_vs_eager"] <= 1e-5
+    x = workloads.similarity_inputs(2, 6, "acf-code", K=5, l_min=2, l_max=4, D=32, heads=2)
+    assert by[("torch", 6)]["flops"] == flops.grid_flops(x.k_valid.tolist(), x.l_valid.tolist(), 32, 2, "acf-code")
+    assert "extrapolated" in capsys.readouterr().out
+
+
+def test_train_step_cpu_cli_checks_backends_agree(capsys):
+    from bench import train_step_cpu
+
+    assert train_step_cpu.main(["--batch", "3", "--embed-dim", "8", "--heads", "2", "--regions", "4", "--words", "4",
+                                "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.split()[:1] in (["eager"], ["torch"])}
+    assert rows["eager"][3] == rows["torch"][3]  # the same first loss (5 decimals)
+    assert float(rows["torch"][4]) < 1e-4  # and the same gradients
