@@ -1,7 +1,7 @@
 """The one input factory of the similarity tests: ``acf_similarity``'s arguments for a
 seeded random case, and the two ways to score it (a backend, the float64 reference).
 
-    case = make_case(N, M, K, L, D=64, H=4, variant="paper", seed=0)
+    case = make_case(N, M, K, L, D=32, H=2, variant="paper", seed=0)
     S = score(case, "torch")          # acf_similarity(**case, backend="torch")
     S64 = reference(case)             # acf_fast.reference, float64, per pair
 
@@ -57,7 +57,7 @@ def relayout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return out
 
 
-def make_case(N: int, M: int, K: int, L: int, *, D: int = 64, H: int = 4, variant: str = "paper",
+def make_case(N: int, M: int, K: int, L: int, *, D: int = 32, H: int = 2, variant: str = "paper",
               weights=ALL_WEIGHTS, masks: bool = True, seed: int = 0, dtype=torch.float32, device="cpu",
               layout: str = "contiguous") -> dict:
     """Keyword arguments of ``acf_similarity`` (backend aside) for one random case.
