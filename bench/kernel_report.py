@@ -82,7 +82,7 @@ def _v1():
 # --------------------------------------------------------------------------- v2: tiles
 
 
-def v2_requests(variants, dtypes):
+def v2_requests(variants, dtypes, buckets=BUCKETS):
     """One build request per shipped v2 configuration (as the launcher would specialise it)."""
     tiles = _tiles()
     out = []
@@ -91,7 +91,7 @@ def v2_requests(variants, dtypes):
         for dname in dtypes:
             st = "*bf16" if dname == "bf16" else "*fp32"
             prec = "tf32" if dname == "bf16" else "tf32x3"
-            for LB in BUCKETS:
+            for LB in buckets:
                 ce = tiles.tile_constexprs(H, DH, K, LB, full=full, shared_qk=not full, o_is_q=not full,
                                            pairwise=full, embed=not full, E=E_EMBED, HKP=tiles.hkp_of(H, K),
                                            dot_prec=prec)
@@ -158,8 +158,8 @@ def v2_trips(build, m: dict):
     return trips
 
 
-def v2_records(variants, dtypes, log):
-    reqs = v2_requests(variants, dtypes)
+def v2_records(variants, dtypes, log, buckets=BUCKETS):
+    reqs = v2_requests(variants, dtypes, buckets)
     t0 = time.perf_counter()
     builds = compile_offline_many([r["request"] for r in reqs])
     log(f"v2: {len(builds)} builds in {time.perf_counter() - t0:.0f} s")
