@@ -27,28 +27,15 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .notation import l2norm, masked_mean
 from .similarity import VARIANTS, acf_similarity
 from .validate import MATRIX_WEIGHTS
 
-EPS = 1e-8
 CONFIG_KEY = "acf_config"
 FORMAT_KEY = "acf_format"
 FORMAT = "acf-fast/1"
 # Std of the noise added to the identity init of the fusion matrices (times 1/sqrt(D)).
 FUSION_INIT_NOISE = 0.02
-
-
-def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x / max(‖x‖, 1e-8) along ``dim`` (spec notation)."""
-    return x / torch.clamp(x.norm(dim=dim, keepdim=True), min=EPS)
-
-
-def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over dim 1 of the valid rows: x (n, r, C), mask (n, r) bool or None -> (n, C)."""
-    if mask is None:
-        return x.mean(1)
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / torch.clamp(m.sum(1), min=1.0)
 
 
 class ACF(nn.Module):
@@ -158,7 +145,7 @@ class ACF(nn.Module):
                     f"globals is None, so the global feature would be the mean region, but global_dim = "
                     f"{self.config['global_dim']} differs from region_dim = {self.config['region_dim']}"
                 )
-            g = _masked_mean(F, mask)
+            g = masked_mean(F, mask)
         else:
             g = self._as_input(globals, "globals", 2, self.config["global_dim"])
             if g.shape[0] != F.shape[0]:
@@ -178,7 +165,7 @@ class ACF(nn.Module):
 
     def text_vectors(self, W: torch.Tensor, word_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(M, D): l2norm of the mean of W's valid rows (acf-code Gt; re-ranker neighbours)."""
-        return l2norm(_masked_mean(W, word_mask))
+        return l2norm(masked_mean(W, word_mask))
 
     def fusion_weights(self) -> Dict[str, torch.Tensor]:
         """The ``weights`` mapping for :func:`acf_similarity` (empty for acf-code)."""
@@ -207,7 +194,7 @@ class ACF(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from .data.checks import atomic_path
+        from .atomic import atomic_path
 
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.update({CONFIG_KEY: json.dumps(self.config, sort_keys=True), FORMAT_KEY: FORMAT, "format": "pt"})

@@ -42,7 +42,8 @@ def _markdown(result: dict) -> str:
         + f"), torch {m['torch']}; date {result['date']}",
         f"- data: synthetic (spec §7), seed {result['seed']}: train {result['sizes']['train']} / dev "
         f"{result['sizes']['dev']} / test {result['sizes']['test']} images, 5 captions each; "
-        f"test = {result['sizes']['test']} images x {5 * result['sizes']['test']} captions, no re-ranking",
+        f"test = {result['sizes']['test']} images x {5 * result['sizes']['test']} captions, no re-ranking, "
+        f"scored in {result['precision']}",
         f"- model: {result['common']}",
         "",
         "| row | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | rsum | train s |",
@@ -61,13 +62,15 @@ def _markdown(result: dict) -> str:
 
 
 def run(args) -> int:
+    from ..atomic import atomic_write_json, atomic_write_text
     from ..data import encode_split, write_synthetic
-    from ..train.checkpoint import atomic_write_text
-    from ..train.trainer import resolve_device
+    from ..machine import resolve_device
+    from ..scoring import check_precision
     from .demo import _synth_up_to_date
     from .train import main_train
 
     device = resolve_device(args.device)
+    check_precision(args.precision, device)
     preset = dict(GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     for k in ("train", "dev", "test"):
         if getattr(args, f"{k}_images") is not None:
@@ -89,7 +92,7 @@ def run(args) -> int:
     common = ["--epochs", str(preset["epochs"]), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--variant", args.variant, "--embed-dim", str(args.embed_dim), "--heads", str(args.heads),
               "--seed", str(args.seed), "--dev-images", str(preset["dev"]), "--device", args.device,
-              "--backend", args.backend]
+              "--backend", args.backend, "--precision", args.precision]
     rows = []
     only = set(args.rows.split(",")) if args.rows else None
     for name, switches in ROWS:
@@ -109,13 +112,13 @@ def run(args) -> int:
         rows.append({"name": name, "switches": switches, "command": cmd, "test": metrics,
                      "seconds": round(time.time() - t, 1)})
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_record(device), "seed": args.seed,
-              "sizes": sizes, "epochs": preset["epochs"],
+              "sizes": sizes, "epochs": preset["epochs"], "precision": args.precision,
               "common": f"{args.variant} D={args.embed_dim} H={args.heads}, {preset['epochs']} epochs, batch "
                         f"{args.batch_size}, lr {args.lr}, frozen MiniLM",
               "setup_commands": setup, "rows": rows}
     out = Path(args.results)
     stem = f"ablation-{_slug(platform.node())}-{time.strftime('%Y%m%d')}"
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_json(out / f"{stem}.json", result, indent=1)
     md = _markdown(result)
     atomic_write_text(out / f"{stem}.md", md)
     print("\n" + md)
