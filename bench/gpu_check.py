@@ -54,6 +54,7 @@ from acf_fast.atomic import atomic_write_json  # noqa: E402
 from acf_fast.reference import reference_similarity  # noqa: E402
 from acf_fast.validate import check_similarity_inputs  # noqa: E402
 from bench.flops import grid_flops  # noqa: E402
+from bench.timing import time_fn, time_once  # noqa: E402
 
 CONTRACT = {torch.bfloat16: 5e-3, torch.float16: 5e-3, torch.float32: 1e-4}  # spec §9
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -152,31 +153,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def once(fn, device) -> float:
-    """Seconds of one call: CUDA events on a GPU (after a sync), perf_counter on CPU."""
-    sync(device)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1e3
-
-
-def timed(fn, device, repeats: int = 3) -> dict:
-    """Warm-up call (compiles, autotunes), then the median of ``repeats`` timed calls."""
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    times = sorted(once(fn, device) for _ in range(repeats))
-    return {"median_s": times[len(times) // 2], "first_s": first, "repeats": repeats}
-
-
 def ceilings(device) -> dict:
     """bf16 matrix rate and device-to-device copy bandwidth, measured now (METHOD.md)."""
     if device.type != "cuda":
@@ -232,7 +208,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
 
     # 1. side by side on slices, per pair (v2's first call autotunes on its slice: sizes are not in the key)
     def per_pair(nm, fn):
-        t = timed(fn, device)
+        t = time_fn(fn, device, repeats=3)
         return t["median_s"] / (nm[0] * nm[1]), t
 
     s_case = sliced(case, *slice_nm)
@@ -256,7 +232,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
     torch_pp, t = per_pair(torch_nm, lambda: score(t_case, "torch"))
     rec["torch_slice"], rec["torch_slice_s"] = torch_nm, t["median_s"]
     e_case = sliced(case, *eager_nm)
-    t_e = once(lambda: score(e_case, "eager"), device)
+    t_e = time_once(lambda: score(e_case, "eager"), device)
     eager_pp = t_e / (eager_nm[0] * eager_nm[1])
     rec["eager_slice"], rec["eager_slice_s"] = eager_nm, t_e
     pairs = N * M
@@ -316,11 +292,11 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
         if meter is not None:
             meter.start()
         holder = {}
-        t_prep = once(lambda: holder.setdefault("plan", tiles.plan_tiles(
+        t_prep = time_once(lambda: holder.setdefault("plan", tiles.plan_tiles(
             case["V"], vm, case["W"], wm, heads=H, weights=wts, G=case.get("G"), st=st)), device)
         ge = case.get("global_emb")
         gi, gt = (None, None) if ge is None else (ge[0].float().contiguous(), ge[1].float().contiguous())
-        t_kernel = once(lambda: tiles.launch_tiles(holder["plan"], out, scale=sc, u1=case["u1"], u2=case["u2"],
+        t_kernel = time_once(lambda: tiles.launch_tiles(holder["plan"], out, scale=sc, u1=case["u1"], u2=case["u2"],
                                                    gi=gi, gt=gt, dot_prec=ks.dot_precision(st, False)), device)
         if meter is not None:
             rec["full_energy"] = meter.stop()
