@@ -1,6 +1,7 @@
 """Any number of captions per image: a training batch never makes two captions of one
 image (or two copies of that image) each other's negatives, checked against plain
 float64 loops that skip those entries."""
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,57 @@ def test_image_ids_are_checked():
         acf_contrastive_loss(S, image_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="image_ids"):
         triplet_loss(S, image_ids=torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_ranks_use_each_images_own_captions(tmp_path):
+    """Planted: image 0 has 1 caption, image 1 has 3 (not adjacent), image 2 has 1. Image
+    1's I2T rank is that of its BEST caption; a t // 5 reading would see other captions."""
+    from acf_fast.data import load_split
+    from acf_fast.evaluate import ranks_i2t, ranks_t2i, recall_metrics
+
+    # captions:        0  1  2  3  4
+    txt2img = np.array([1, 0, 1, 2, 1])
+    S = torch.tensor([[0.9, 0.8, 0.1, 0.3, 0.2],    # image 0: its caption 1 is 2nd (0.9 is caption 0's)
+                      [0.1, 0.7, 0.4, 0.6, 0.5],    # image 1: captions 0, 2, 4 -> best is 4 (0.5), 3rd in the row
+                      [0.2, 0.1, 0.3, 0.95, 0.9]])  # image 2: its caption 3 is 1st
+    assert ranks_i2t(S, txt2img).tolist() == [1, 2, 0]
+    assert ranks_t2i(S, txt2img).tolist() == [2, 0, 0, 0, 1]
+    # The same through the layout: the split's own map reaches the evaluator.
+    np.save(tmp_path / "test_ims.npy", np.zeros((3, 2, 4), np.float32))
+    (tmp_path / "test_caps.txt").write_text("".join(f"caption {t}\n" for t in range(5)))
+    np.save(tmp_path / "test_txt2img.npy", txt2img)
+    split = load_split(tmp_path, "test")
+    assert split.txt2img.tolist() == txt2img.tolist() and split.num_images == 3
+    m = recall_metrics(S, split.txt2img)
+    assert m["i2t"]["r1"] == pytest.approx(100 / 3) and m["t2i"]["r1"] == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_match_loop_on_ragged_captions(seed):
+    from acf_fast.evaluate import recall_metrics
+    from bench.baselines import recall_loop
+
+    rng = np.random.default_rng(seed)
+    N = 23
+    txt2img = rng.permutation(np.repeat(np.arange(N), rng.integers(1, 5, N)))
+    S = np.round(rng.normal(size=(N, len(txt2img))), 1)  # rounded: ties on purpose
+    got, want = recall_metrics(torch.from_numpy(S), txt2img), recall_loop(S, txt2img)
+    for d in ("i2t", "t2i"):
+        for k in want[d]:
+            assert got[d][k] == pytest.approx(want[d][k], abs=1e-9)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.array([0, 1, 1, 3]), "image rows in \\[0, 3\\]"),
+    (np.array([0, 0, 2, 2]), "image 1 has no caption"),
+    (np.array([0, 1, 2]), "has 3 entries but the split has 4 captions"),
+    (np.array([0.0, 1.0, 2.0, 2.0]), "dtype kind"),
+])
+def test_txt2img_file_checked(tmp_path, bad, msg):
+    np.save(tmp_path / "test_ims.npy", np.zeros((3, 2, 4), np.float32))
+    (tmp_path / "test_caps.txt").write_text("a\nb\nc\nd\n")
+    np.save(tmp_path / "test_txt2img.npy", bad)
+    from acf_fast.data import load_split
+
+    with pytest.raises(ValueError, match=f"test_txt2img.npy.*{msg}"):
+        load_split(tmp_path, "test")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 import time
 from pathlib import Path
 
@@ -108,8 +109,12 @@ def cmd_tuxpaint(args) -> int:
     from ..data.tuxpaint import build_tuxpaint
 
     t0 = time.time()
-    built = build_tuxpaint(args.out, deb=args.deb, split_sizes=args.split_sizes, seed=args.seed,
-                           grid=args.region_grid, limit=args.limit, progress=not args.quiet)
+    try:
+        built = build_tuxpaint(args.out, deb=args.deb, split_sizes=args.split_sizes, seed=args.seed,
+                               grid=args.region_grid, limit=args.limit, progress=not args.quiet)
+    except RuntimeError as err:  # apt-get / dpkg-deb missing or failing: one line, not a traceback
+        print(f"acf-fast data tuxpaint: error: {err}", file=sys.stderr)
+        return 2
     src = built["source"]
     print(f"{src['package']} {src['version']} ({src['licence']}): {src['stamps_found']} stamps, "
           f"{src['duplicate_descriptions_dropped']} with a repeated description dropped, "

@@ -85,7 +85,7 @@ def read_txt2img(path: Path, M: int, n_images: int) -> np.ndarray:
     arr = open_npy(path, ndim=1, kind="iu", what="caption -> image map (M,)")
     if arr.shape[0] != M:
         raise ValueError(f"{path}: has {arr.shape[0]} entries but the split has {M} captions; expected one image row per caption")
-    t2i = np.asarray(arr, dtype=np.int64)
+    t2i = np.array(arr, dtype=np.int64)  # a small writable copy, not the memory map
     lo, hi = int(t2i.min()), int(t2i.max())
     if lo < 0 or hi >= n_images:
         raise ValueError(f"{path}: holds image rows in [{lo}, {hi}] but the split has {n_images} images (0..{n_images - 1})")
