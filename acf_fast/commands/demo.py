@@ -63,15 +63,17 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def evaluate_all(S, txt2img, text_vectors, protocol: str, label: str) -> list:
-    """Plain and re-ranked metrics of one S: a list of table rows."""
+def evaluate_all(S, txt2img, text_vectors, protocol: str, label: str, **rerank_opts) -> list:
+    """Plain and re-ranked metrics of one S: a list of table rows. ``rerank_opts``:
+    k_i2t, k_t2i, kprime, n of ``evaluate_protocol`` (its defaults otherwise)."""
     from ..evaluate import evaluate_protocol
 
     rows = []
     plain = evaluate_protocol(S, protocol, txt2img)
     rows.append({"model": label, "rerank": "none", "metrics": plain["plain"]})
     for mode, tag in (("embedding", "honest"), ("profile", "honest"), ("siblings", "ORACLE: reads labels")):
-        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors)
+        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors,
+                                **rerank_opts)
         rows.append({"model": label, "rerank": f"ACF-R+ {mode} ({tag})", "metrics": res["reranked"],
                      "settings": res["rerank"]})
     return rows
@@ -111,7 +113,6 @@ def run(args) -> int:
     from ..data import encode_split, load_encoded, load_split, write_synthetic
     from ..model import ACF
     from ..text_encoder import load_text_encoder
-    from ..train.checkpoint import atomic_write_text
     from ..train.config import TrainConfig
     from ..train.scoring import image_tensors, score_split
     from ..train.trainer import build_model, resolve_device, train
@@ -203,11 +204,18 @@ def run(args) -> int:
         "machine": machine_record(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    write_results(out, result, rows, title)
+    return 0
+
+
+def write_results(out: Path, result: dict, rows: list, title: str) -> None:
+    """OUT/results.json (``result``) and OUT/results.png (the recall bars of ``rows``), atomically."""
+    from ..train.checkpoint import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     _plot(rows, out / "results.png", title)
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
-    return 0
 
 
 def register(subparsers) -> None:
