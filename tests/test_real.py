@@ -33,13 +33,15 @@ def test_real_end_to_end(tmp_path, capsys):
             "--embed-dim", "16", "--heads", "2", "--device", "cpu", "--backend", "torch"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    for row in ("chance", "probe", "untrained", "ACF"):
+    for row in ("chance", "probe", "untrained", "ACF ", "ACF w/o positives"):
         assert f"\n{row}" in text
-    assert "the linear probe: rsum" in text
+    assert "linear probe: test rsum" in text and "95% interval" in text
     r = json.loads((out / "results.json").read_text())
     assert r["test"] == {"images": 4, "captions": 4}
     assert [row["model"] for row in r["rows"]][:4] == ["chance", "probe", "untrained", "ACF"]
     assert r["rows"][0]["metrics"]["t2i"]["r1"] == 25.0  # 1 of 4 images
+    assert r["compared"] == max(r["runs"], key=lambda n: r["runs"][n]["dev_rsum"])
+    assert r["runs"]["ACF w/o positives"]["config"]["positives"] is None
     assert r["probe"]["lambda"] > 0 and r["data"]["build"]["splits"]["train"]["images"] == 14
     assert (out / "results.png").stat().st_size > 1000
     # A second run would reuse the data set; other settings would rebuild it.

@@ -90,3 +90,19 @@ def test_means_use_valid_rows_only():
     np.testing.assert_allclose(mean_regions(R), R.mean(1))
     w = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [99.0, 99.0]]])
     np.testing.assert_allclose(mean_words(w, torch.tensor([[True, True, False]])), [[2.0, 3.0]])
+
+
+def test_paired_bootstrap_rsum():
+    from acf_fast.retrieval_baselines import paired_bootstrap_rsum
+
+    rng = np.random.default_rng(1)
+    t2i = np.repeat(np.arange(30), 2)
+    good = torch.from_numpy(rng.normal(size=(30, 60)))
+    good[t2i, np.arange(60)] += 3.0
+    noise = torch.from_numpy(rng.normal(size=(30, 60)))
+    r = paired_bootstrap_rsum(good, noise, t2i, resamples=500)
+    want = recall_metrics(good, t2i)["rsum"] - recall_metrics(noise, t2i)["rsum"]
+    assert r["diff"] == pytest.approx(want)
+    assert 0 < r["low"] < r["diff"] < r["high"] and r["p_a_ahead"] == 1.0
+    same = paired_bootstrap_rsum(good, good, t2i, resamples=50)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_a_ahead": 0.0, "resamples": 50}

@@ -53,11 +53,12 @@ def _synth_up_to_date(folder: Path, seed: int, sizes: dict, knobs: dict) -> bool
 
 
 def _table(rows) -> str:
-    head = f"{'model':<10} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
+    w = max([10] + [len(r["model"]) for r in rows])
+    head = f"{'model':<{w}} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['model']:<10} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
+        lines.append(f"{r['model']:<{w}} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
                      f"{m['i2t']['r10']:6.1f} {m['t2i']['r1']:8.1f} {m['t2i']['r5']:6.1f} {m['t2i']['r10']:6.1f} "
                      f"{m['rsum']:7.1f}")
     return "\n".join(lines)
