@@ -7,7 +7,8 @@
 3. fit the linear probe (closed-form ridge, mean regions -> mean caption features,
    ridge weight chosen on dev) and score the test split with it;
 4. train ACF from scratch on the train split twice (``RUNS``: the spec §6 objective
-   and the same w/o positives; each keeps its best checkpoint by dev rsum);
+   and the same w/o positives; each keeps its best checkpoint by dev rsum), on the
+   CPU as two single-threaded processes side by side;
 5. score the test split with an untrained and the trained models;
 6. print chance, the probe and ACF (plain, and re-ranked with the honest neighbour
    modes) side by side, and the test rsum gap between the probe and the ACF run
@@ -71,6 +72,72 @@ def split_features(folder: Path, split: str):
     return mean_regions(s.regions, s.region_mask), mean_words(words, mask), s.txt2img
 
 
+def _train_one_thread(config: dict) -> str:
+    """Worker: one training run on one CPU thread (module level, so it can be spawned)."""
+    import torch
+
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
+
+    torch.set_num_threads(1)
+    return str(train(TrainConfig.from_dict(config)))
+
+
+def _epoch_records(run_dir: Path) -> list:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if rec.get("event") == "epoch":
+            out.append(rec)
+    return out
+
+
+def train_runs(runs: dict, parallel: bool) -> dict:
+    """Train every ``TrainConfig`` of ``runs`` {name: cfg}; returns {name: {"run", "dev_rsum",
+    "best_epoch"}}. With ``parallel`` each run is a process on one thread: on a 2-core CPU
+    two single-threaded runs finish sooner than two runs in turn on two threads, whose
+    many small ops each wait on a thread barrier (and far sooner on a busy machine)."""
+    from ..train.trainer import train
+
+    if parallel:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        for cfg in runs.values():
+            (Path(cfg.out) / "log.jsonl").unlink(missing_ok=True)
+        shown = {name: 0 for name in runs}
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=len(runs), mp_context=ctx) as pool:
+            futures = {name: pool.submit(_train_one_thread, {**cfg.to_dict(), "progress": False})
+                       for name, cfg in runs.items()}
+            while True:
+                done, _ = wait(list(futures.values()), timeout=5)
+                for name, cfg in runs.items():  # the workers are quiet: show their epochs from the logs
+                    recs = _epoch_records(Path(cfg.out))
+                    for r in recs[shown[name]:]:
+                        print(f"  {name}: epoch {r['epoch'] + 1}/{cfg.epochs}  loss {r['loss']:.4f}  dev rsum "
+                              f"{r['rsum']:.1f}  ({r['train_seconds']:.0f} s)", flush=True)
+                    shown[name] = len(recs)
+                if len(done) == len(futures):
+                    break
+            for f in futures.values():
+                f.result()  # a worker's error surfaces here
+    else:
+        for cfg in runs.values():
+            train(cfg)
+    out = {}
+    for name, cfg in runs.items():
+        best = max(_epoch_records(Path(cfg.out)), key=lambda r: r["rsum"])
+        out[name] = {"run": Path(cfg.out), "dev_rsum": best["rsum"], "best_epoch": best["epoch"] + 1}
+    return out
+
+
 def run(args) -> int:
     import torch
 
@@ -81,7 +148,7 @@ def run(args) -> int:
     from ..text_encoder import load_text_encoder
     from ..train.config import TrainConfig
     from ..train.scoring import image_tensors, score_split
-    from ..train.trainer import build_model, resolve_device, train
+    from ..train.trainer import build_model, resolve_device
     from .demo import _table, evaluate_all, write_results
 
     t_start, load_start = time.time(), _load_avg()
@@ -134,15 +201,11 @@ def run(args) -> int:
                 device=args.device, backend=args.backend, encoder=args.encoder, progress=True)
     runs = {name: TrainConfig(out=str(out / folder), **base, **extra) for name, (folder, extra) in RUNS.items()
             if not (args.full_only and extra)}
-    trained = {}
-    for name, cfg in runs.items():
-        t = time.time()
-        print(f"[4/6] training {name} from scratch on {build['splits']['train']['images']} images -> {cfg.out}")
-        run_dir = Path(train(cfg))
-        best = max((json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()
-                    if '"event": "epoch"' in x), key=lambda r: r["rsum"])
-        trained[name] = {"run": run_dir, "dev_rsum": best["rsum"], "best_epoch": best["epoch"] + 1}
-        timings[f"train {name}"] = time.time() - t
+    t = time.time()
+    print(f"[4/6] training {' and '.join(runs)} from scratch on {build['splits']['train']['images']} images "
+          f"-> {', '.join(c.out for c in runs.values())}")
+    trained = train_runs(runs, parallel=not gpu and len(runs) > 1 and (os.cpu_count() or 1) >= 2)
+    timings["train"] = time.time() - t
 
     t = time.time()
     print(f"[5/6] scoring the test split ({regions.shape[0]} images x {words.shape[0]} captions)")
