@@ -38,7 +38,8 @@ def test_real_end_to_end(tmp_path, capsys):
     assert "linear probe: test rsum" in text and "95% interval" in text
     r = json.loads((out / "results.json").read_text())
     assert r["test"] == {"images": 4, "captions": 4}
-    assert [row["model"] for row in r["rows"]][:4] == ["chance", "probe", "untrained", "ACF"]
+    assert [row["model"] for row in r["rows"]][:6] == ["chance", "probe", "probe", "probe", "untrained", "ACF"]
+    assert [row["rerank"] for row in r["rows"]][2:4] == ["ACF-R+ embedding (honest)", "ACF-R+ profile (honest)"]
     assert r["rows"][0]["metrics"]["t2i"]["r1"] == 25.0  # 1 of 4 images
     assert r["compared"] == max(r["runs"], key=lambda n: r["runs"][n]["dev_rsum"])
     assert r["runs"]["ACF w/o positives"]["config"]["positives"] is None

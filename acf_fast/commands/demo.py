@@ -17,6 +17,7 @@ and the training set larger.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def _plot(rows, path: Path, title: str) -> None:
     ax.set_xticklabels([f"{d.upper()} R@{k[1:]}" for d, k in keys])
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 150)), fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

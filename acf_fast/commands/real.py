@@ -220,20 +220,27 @@ def run(args) -> int:
 
     from ..evaluate import evaluate_protocol
 
-    rows = [{"model": "chance", "rerank": "none (expected, exact)", "metrics": chance_metrics(test.txt2img, test.num_images)},
-            {"model": "probe", "rerank": f"none (ridge, lambda {probe.lam:g} on dev)",
-             "metrics": evaluate_protocol(S_probe, "any", txt2img)["plain"]},
-            {"model": "untrained", "rerank": "none", "metrics": evaluate_protocol(S0, "any", txt2img)["plain"]}]
     N, M = S0.shape
     k = dict(k_i2t=min(15, M), k_t2i=min(20, N), kprime=min(5, M))  # the authors' k̂, k' (capped for tiny sets)
+
+    def model_rows(S, text_vectors, name):
+        # The siblings mode is left out: with one caption per image it reads no label (Nb(t) = {t},
+        # as k' = 1), yet it would print as an oracle row.
+        return [r for r in evaluate_all(S, txt2img, text_vectors, "any", name, **k) if "ORACLE" not in r["rerank"]]
+
+    # ACF-R+ re-ranks any model's S, so the probe gets it too (its text vectors: the mean
+    # caption features it is scored against).
+    probe_rows = model_rows(S_probe, torch.from_numpy(test_Y).float(), "probe")
+    probe_rows[0]["rerank"] = f"none (ridge, lambda {probe.lam:g} on dev)"
+    rows = [{"model": "chance", "rerank": "none (expected, exact)", "metrics": chance_metrics(test.txt2img, test.num_images)},
+            *probe_rows,
+            {"model": "untrained", "rerank": "none", "metrics": evaluate_protocol(S0, "any", txt2img)["plain"]}]
     for name, tr in trained.items():
-        # One caption per image makes the siblings oracle a no-op; it is left out here.
-        tr["rows"] = [r for r in evaluate_all(tr["S"], txt2img, tr["text_vectors"], "any", name, **k)
-                      if "ORACLE" not in r["rerank"]]
+        tr["rows"] = model_rows(tr["S"], tr["text_vectors"], name)
         rows += tr["rows"]
     # The ACF run compared with the probe is picked on dev, never on test.
     chosen = max(trained, key=lambda n: trained[n]["dev_rsum"])
-    acf, lp = trained[chosen]["rows"][0]["metrics"], rows[1]["metrics"]
+    acf, lp = trained[chosen]["rows"][0]["metrics"], probe_rows[0]["metrics"]
     gap = paired_bootstrap_rsum(trained[chosen]["S"], S_probe, test.txt2img)
     ahead = acf["rsum"] > lp["rsum"]
     verdict = (f"{chosen} (best dev rsum of the ACF runs) {'is ahead of' if ahead else 'is not ahead of'} the linear "
