@@ -17,6 +17,7 @@ and the training set larger.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -53,26 +54,28 @@ def _synth_up_to_date(folder: Path, seed: int, sizes: dict, knobs: dict) -> bool
 
 
 def _table(rows) -> str:
-    head = f"{'model':<10} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
+    w = max([10] + [len(r["model"]) for r in rows])
+    head = f"{'model':<{w}} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['model']:<10} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
+        lines.append(f"{r['model']:<{w}} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
                      f"{m['i2t']['r10']:6.1f} {m['t2i']['r1']:8.1f} {m['t2i']['r5']:6.1f} {m['t2i']['r10']:6.1f} "
                      f"{m['rsum']:7.1f}")
     return "\n".join(lines)
 
 
-def evaluate_all(scored, protocol: str, label: str) -> list:
-    """Plain and re-ranked metrics of one ``ScoredSplit``: a list of table rows."""
+def evaluate_all(S, txt2img, text_vectors, protocol: str, label: str, **rerank_opts) -> list:
+    """Plain and re-ranked metrics of one S: a list of table rows. ``rerank_opts``:
+    k_i2t, k_t2i, kprime, n of ``evaluate_protocol`` (its defaults otherwise)."""
     from ..evaluate import evaluate_protocol
 
-    S, txt2img, text_vectors = scored.S, scored.txt2img, scored.text_vectors
     rows = []
     plain = evaluate_protocol(S, protocol, txt2img)
     rows.append({"model": label, "rerank": "none", "metrics": plain["plain"]})
     for mode, tag in (("embedding", "honest"), ("profile", "honest"), ("siblings", "ORACLE: reads labels")):
-        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors)
+        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors,
+                                **rerank_opts)
         rows.append({"model": label, "rerank": f"ACF-R+ {mode} ({tag})", "metrics": res["reranked"],
                      "settings": res["rerank"]})
     return rows
@@ -99,7 +102,7 @@ def _plot(rows, path: Path, title: str) -> None:
     ax.set_xticklabels([f"{d.upper()} R@{k[1:]}" for d, k in keys])
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 150)), fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -184,7 +187,8 @@ def run(args) -> int:
     timings["score_trained"] = time.time() - t
 
     t = time.time()
-    rows = evaluate_all(before, protocol, "untrained") + evaluate_all(after, protocol, "trained")
+    rows = (evaluate_all(before.S, before.txt2img, before.text_vectors, protocol, "untrained")
+            + evaluate_all(after.S, after.txt2img, after.text_vectors, protocol, "trained"))
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_start
     chance = {"i2t_r1": 100.0 * 5 / n_cap, "t2i_r1": 100.0 / n_img}
@@ -204,11 +208,16 @@ def run(args) -> int:
         "machine": machine_record(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    write_results(out, result, rows, title)
+    return 0
+
+
+def write_results(out: Path, result: dict, rows: list, title: str) -> None:
+    """OUT/results.json (``result``) and OUT/results.png (the recall bars of ``rows``), atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", result, indent=1)
     _plot(rows, out / "results.png", title)
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
-    return 0
 
 
 def register(subparsers) -> None:

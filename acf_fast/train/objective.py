@@ -86,7 +86,8 @@ class Objective(nn.Module):
         return (clean, mask), (neg, mask)
 
     def forward(self, batch: Dict[str, torch.Tensor], gen: torch.Generator):
-        """batch: regions (B, K, Dv), region_mask (B, K)|None, globals (B, Dg)|None, and
+        """batch: regions (B, K, Dv), region_mask (B, K)|None, globals (B, Dg)|None, image_ids
+        (B,) long|None (the image of each pair), and
         either words/mask (+ pos_words/pos_mask) cached features or input_ids/mask
         (+ pos_input_ids/pos_mask) token ids. Returns (loss scalar float32, blocks dict)."""
         V, G = self.model.encode_images(batch["regions"], batch.get("region_mask"), batch.get("globals"))
@@ -110,9 +111,10 @@ class Objective(nn.Module):
         S = torch.cat(cols, dim=1)
         B = V.shape[0]
         blocks = {n: S[:, i * B:(i + 1) * B] for i, n in enumerate(names)}
+        ids = batch.get("image_ids")  # two captions of one image are not each other's negatives
         if self.loss_name == "triplet":
-            loss = triplet_loss(blocks["Sa"], self.margin)
+            loss = triplet_loss(blocks["Sa"], self.margin, image_ids=ids)
         else:
             loss = acf_contrastive_loss(blocks["Sa"], blocks.get("Sn"), blocks.get("Sp"), blocks.get("Spn"),
-                                        tau=self.tau, lam=self.lam)
+                                        tau=self.tau, lam=self.lam, image_ids=ids)
         return loss, blocks

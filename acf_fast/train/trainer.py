@@ -170,7 +170,7 @@ class TrainData:
         caps = self.captions_idx[np.asarray(positions)]
         imgs = self.txt2img[caps]
         regions, rmask, glob = image_tensors(self.split, imgs, device)
-        out = {"regions": regions, "region_mask": rmask, "globals": glob}
+        out = {"regions": regions, "region_mask": rmask, "globals": glob, "image_ids": torch.from_numpy(imgs).to(device)}
         cidx = torch.from_numpy(caps)
         if self.encoder is None:
             w, m = _rows(self.words, self.mask, cidx)
