@@ -214,6 +214,8 @@ def run(args) -> int:
 
 def write_results(out: Path, result: dict, rows: list, title: str) -> None:
     """OUT/results.json (``result``) and OUT/results.png (the recall bars of ``rows``), atomically."""
+    from ..atomic import atomic_write_json
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", result, indent=1)
     _plot(rows, out / "results.png", title)
