@@ -147,8 +147,9 @@ def run(args) -> int:
     from ..retrieval_baselines import chance_metrics, fit_probe, paired_bootstrap_rsum
     from ..text_encoder import load_text_encoder
     from ..train.config import TrainConfig
-    from ..train.scoring import image_tensors, score_split
-    from ..train.trainer import build_model, resolve_device
+    from ..machine import resolve_device
+    from ..scoring import image_tensors, score_items
+    from ..train.trainer import build_model
     from .demo import _table, evaluate_all, write_results
 
     t_start, load_start = time.time(), _load_avg()
@@ -211,11 +212,12 @@ def run(args) -> int:
     print(f"[5/6] scoring the test split ({regions.shape[0]} images x {words.shape[0]} captions)")
     cfg = next(iter(runs.values()))
     untrained = build_model(cfg, regions.shape[2], regions.shape[2], words.shape[2]).to(device)
-    S0 = score_split(untrained, regions, rmask, glob, words, wmask, backend=args.backend, autocast=True)
+    S0, _ = score_items(untrained, regions, rmask, glob, words, wmask, backend=args.backend,
+                        precision=args.precision)
     for name, tr in trained.items():
         model = ACF.load(tr["run"] / "best.safetensors", map_location=str(device))
-        tr["S"], tr["text_vectors"] = score_split(model, regions, rmask, glob, words, wmask, backend=args.backend,
-                                                  autocast=True, return_text_vectors=True)
+        tr["S"], tr["text_vectors"] = score_items(model, regions, rmask, glob, words, wmask, backend=args.backend,
+                                                  precision=args.precision)
     timings["score"] = time.time() - t
 
     from ..evaluate import evaluate_protocol
