@@ -100,10 +100,8 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
                            wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st, gi_ptr="*fp32", gt_ptr="*fp32",
                            N="i32", Mb="i32", n_tt="i32", E="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32")
-                for cfg in tiles._configs(False):
+                for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch
                     meta = {**ce, **cfg.kwargs}
-                    if cfg not in tiles._prune([cfg], {}, **meta):
-                        continue
                     out.append(dict(request=dict(fn=tiles._tile_kernel, signature=sig, constexprs=meta,
                                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                                     kernel="v2", variant=variant, dtype=dname, LB=LB, meta=meta))
@@ -260,7 +258,9 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["warp_instructions_per_pair"] = rec["warp_instructions"] * build.num_warps / pairs
         rec["tensor_core_macs_per_pair"] = macs / pairs
     rec["spill_bytes"] = build.spill_store_bytes
-    main_dots = build.dots_total - (2 if req["kernel"] == "v2" and req["meta"].get("PAIRWISE") else 0)
+    m = req["meta"]
+    aux = 2 * (3 if m.get("DOT_PREC") == "tf32x3" else 1) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    main_dots = build.dots_total - aux  # κ/λ (32-row dots, 3 each under tf32x3) are not main dots
     rec["main_dots"] = main_dots
     rec["wgmma"] = build.dots_wgmma >= main_dots > 0
     rec["useful_macs_per_pair"] = pair_macs(K, L_useful, D, H, variant)
