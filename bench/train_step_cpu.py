@@ -37,7 +37,10 @@ def make_batch(B, K, L, Dv, Db, seed, device):
     w, m = words(B, L, max(3, L // 2))
     pw, pm = words(B, 2 * L, max(3, L // 2))
     b = {"regions": torch.randn(B, K, Dv, generator=g), "region_mask": rmask, "globals": torch.randn(B, Dv, generator=g),
-         "words": w, "mask": m, "pos_words": pw, "pos_mask": pm}
+         "words": w, "mask": m, "pos_words": pw, "pos_mask": pm,
+         # the cached encodings of the shuffled texts that shuffle negatives take (same masks)
+         "shuf_words": torch.randn(w.shape, generator=g) * m[..., None],
+         "pos_shuf_words": torch.randn(pw.shape, generator=g) * pm[..., None]}
     return {k: v.to(device) for k, v in b.items()}
 
 
