@@ -13,8 +13,8 @@ paired with its image, in a seeded per-epoch order; the last partial batch is
 dropped (a contrastive batch needs its negatives).
 
 Randomness: model init from ``seed``; the epoch order from ``DistributedSampler``
-(seed, epoch); the negatives / positive choices from a ``torch.Generator`` seeded
-by (seed, epoch, rank). Everything a step draws is thus fixed by (seed, epoch,
+(seed, epoch); the negatives, the positive kinds and the long positives' partners
+from a ``torch.Generator`` seeded by (seed, epoch, rank) (see ``batches``). Everything a step draws is thus fixed by (seed, epoch,
 step), so resuming at an epoch boundary reproduces the uninterrupted run exactly
 on the CPU; the global RNG states are saved and restored as well.
 """
