@@ -46,8 +46,12 @@ ORDERINGS = (
 )
 METRICS = (("i2t", "r1"), ("i2t", "r5"), ("i2t", "r10"), ("t2i", "r1"), ("t2i", "r5"), ("t2i", "r10"))
 SEPARATION = 3.0  # a difference counts when it exceeds this many standard deviations
-# CPU preset: sized to run in about 30 minutes on 2 cores (see bench/results/ablation-*.md).
-CPU_SIZES = dict(train=500, dev=100, test=1000, epochs=3)
+# CPU preset, sized on this project's 2-core machine: the encoding of the positives and
+# shuffles grows with the training captions (every long (caption, partner) pair and its
+# shuffle: 8 encodings per caption), the cells with epochs x train; the 500-image test
+# costs ~40 s per cell. Two cells at a time took 8 min for 4 cells at load ~7, so the
+# 18 cells take ~35 min there and about half that on a quiet machine.
+CPU_SIZES = dict(train=300, dev=100, test=500, epochs=4)
 GPU_SIZES = dict(train=20000, dev=1000, test=5000, epochs=10)
 CPU_MODEL = dict(embed_dim=32, heads=2, batch_size=32)
 GPU_MODEL = dict(embed_dim=1024, heads=8, batch_size=64)
@@ -128,7 +132,7 @@ def markdown(result: dict) -> str:
         "- w/o CMF: S_global = R(G, l2norm(mean of the valid w_j)), partner-free, the local score kept "
         "(spec §6 [choice]); the paper's exact reading of the row is not public",
         "",
-        "| row | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | rsum | train s |",
+        "| row | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | rsum | s per cell |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in result["summary"].items():
@@ -166,7 +170,53 @@ def _finished(run_dir: Path, argv: List[str]):
     return done.get("seconds")
 
 
+def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> None:
+    """Run every cell not finished before, ``jobs`` at a time, each ``acf-fast train`` in
+    its own process with ``threads`` torch threads (output in ``<run>/ablation_log.txt``).
+
+    [choice] One thread per process: at these sizes the ops are small, and two-thread
+    regions on a shared 2-core machine stall whenever another process holds a core
+    (a full step took 3 s with 2 threads and 0.75 s with 1 at load ~7)."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from ..train.checkpoint import atomic_write_text
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    todo = [c for c in cells if _finished(c["run_dir"], c["argv"]) is None]
+    for c in cells:
+        if c not in todo:
+            print(f"{c['row']}, seed {c['seed']}: done before, reusing {c['run_dir']}")
+    bar = tqdm(total=len(todo), desc="ablation cells", unit="run", disable=not progress)
+
+    def one(c):
+        c["run_dir"].mkdir(parents=True, exist_ok=True)
+        t = time.time()
+        with open(c["run_dir"] / "ablation_log.txt", "w", encoding="utf-8") as log:
+            code = subprocess.call([sys.executable, "-m", "acf_fast"] + c["argv"] + ["--quiet"], stdout=log,
+                                   stderr=subprocess.STDOUT, env=env)
+        if code:
+            raise RuntimeError(f"{c['row']}, seed {c['seed']} failed (exit {code}, see "
+                               f"{c['run_dir'] / 'ablation_log.txt'}): {c['command']}")
+        seconds = round(time.time() - t, 1)
+        atomic_write_text(c["run_dir"] / "ablation_run.json", json.dumps({"argv": c["argv"], "seconds": seconds}))
+        bar.write(f"{c['row']}, seed {c['seed']}: {seconds:.0f} s")
+        bar.update(1)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for f in [pool.submit(one, c) for c in todo]:
+                f.result()
+    finally:
+        bar.close()
+
+
 def run(args) -> int:
+    import torch
+
     from ..data import encode_split, write_synthetic
     from ..text_encoder import load_text_encoder
     from ..train.batches import TrainData
@@ -174,7 +224,6 @@ def run(args) -> int:
     from ..train.config import TrainConfig
     from ..train.trainer import resolve_device
     from .demo import CPU_KNOBS, GPU_KNOBS, _synth_up_to_date
-    from .train import main_train
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0, 1, 2]
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
@@ -184,11 +233,14 @@ def run(args) -> int:
     if only and not only <= {_slug(n) for n in names}:
         raise ValueError(f"--rows: unknown {sorted(only - {_slug(n) for n in names})}; "
                          f"choose from {','.join(_slug(n) for n in names)}")
+    if args.jobs < 1 or args.threads < 1:
+        raise ValueError(f"--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}")
     if args.variant != "paper" and (only is None or "w-o-cmf" in only):
         raise ValueError("--variant acf-code has no cross-modal fusion, so the w/o CMF row is undefined: "
                          "use --variant paper or leave w-o-cmf out of --rows")
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
+    torch.set_num_threads(args.threads)  # the encoding here, as in each cell (see run_cells)
     preset = dict(GPU_SIZES if gpu else CPU_SIZES)
     for k in ("train", "dev", "test"):
         if getattr(args, f"{k}_images") is not None:
@@ -218,7 +270,9 @@ def run(args) -> int:
     encoder = {}
 
     def get_encoder():
-        return encoder.setdefault("e", load_text_encoder(args.encoder, device=device))
+        if "e" not in encoder:
+            encoder["e"] = load_text_encoder(args.encoder, device=device)
+        return encoder["e"]
 
     for split in ("train", "dev", "test"):
         encode_split(data, split, get_encoder(), progress=not args.quiet)
@@ -233,37 +287,28 @@ def run(args) -> int:
     for name in ("u1", "u2"):
         if getattr(args, name) is not None:
             common += [f"--{name}", str(getattr(args, name))]
-    runs = []
-    t_runs = time.time()
+    cells = []
     for seed in seeds:
         for name, switches in ROWS:
-            slug = _slug(name)
-            if only and slug not in only:
+            if only and _slug(name) not in only:
                 continue
-            run_dir = work / f"{slug}-s{seed}"
+            run_dir = work / f"{_slug(name)}-s{seed}"
             argv = (["train", "--data", str(data), "--out", str(run_dir)] + common + ["--seed", str(seed)] + switches
                     + ["--eval-test", "test"])
-            cmd = "acf-fast " + " ".join(shlex.quote(a) for a in argv)
-            seconds = _finished(run_dir, argv)
-            if seconds is not None:
-                print(f"\n=== {name}, seed {seed}: done before, reusing {run_dir}")
-            else:
-                print(f"\n=== {name}, seed {seed}: {cmd}")
-                t = time.time()
-                code = main_train(argv + (["--quiet"] if args.quiet else []))
-                if code:
-                    raise RuntimeError(f"row {name!r} seed {seed} failed (exit {code}): {cmd}")
-                seconds = round(time.time() - t, 1)
-                atomic_write_text(run_dir / "ablation_run.json", json.dumps({"argv": argv, "seconds": seconds}))
-            metrics = json.loads((run_dir / "test_metrics.json").read_text())
-            runs.append({"row": name, "seed": seed, "switches": switches, "command": cmd, "test": metrics,
-                         "seconds": seconds})
+            cells.append({"row": name, "seed": seed, "switches": switches, "run_dir": run_dir, "argv": argv,
+                          "command": "acf-fast " + " ".join(shlex.quote(a) for a in argv)})
+    t_runs = time.time()
+    run_cells(cells, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    runs = [{"row": c["row"], "seed": c["seed"], "switches": c["switches"], "command": c["command"],
+             "test": json.loads((c["run_dir"] / "test_metrics.json").read_text()),
+             "seconds": _finished(c["run_dir"], c["argv"])} for c in cells]
     summary = summarise(runs)
     result = {"date": date, "machine": machine_record(device), "data_seed": args.seed, "seeds": seeds,
               "sizes": sizes, "epochs": preset["epochs"], "knobs": knobs,
               "common": f"{args.variant} D={args.embed_dim} H={args.heads}, {preset['epochs']} epochs, batch "
                         f"{args.batch_size}, lr {args.lr} ({args.schedule} schedule), frozen "
-                        f"{'MiniLM' if args.encoder is None else args.encoder}, backend {args.backend}",
+                        f"{'MiniLM' if args.encoder is None else args.encoder}, backend {args.backend}; "
+                        f"{args.jobs} cells at a time, {args.threads} torch thread(s) each",
               "setup_commands": setup, "runs": runs, "summary": summary, "comparisons": compare(summary),
               "prepare_seconds": round(prepare_seconds, 1), "runs_seconds": round(time.time() - t_runs, 1),
               "wall_seconds": round(time.time() - t_start, 1),
@@ -298,6 +343,8 @@ def register(subparsers) -> None:
     p.add_argument("--dev-images", type=int, default=None, help=f"dev images (CPU {CPU_SIZES['dev']})")
     p.add_argument("--test-images", type=int, default=None, help=f"test images (CPU {CPU_SIZES['test']})")
     p.add_argument("--encoder", default=None, help="local BERT folder (default: the bundled MiniLM)")
+    p.add_argument("--jobs", type=int, default=2, help="cells trained at once, each its own process (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per cell (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(p)
     add_score_weight_args(p)

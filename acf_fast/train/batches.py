@@ -75,18 +75,19 @@ def load_text_set(folder: Path, split: str, shuffled: bool, dtype=torch.float32)
 
 def ensure_encoded(folder: Path, split: str, texts: Sequence[str], encoder_getter: Callable, *,
                    encoder_name: Optional[str], max_length: int, shuffled: bool, progress: bool,
-                   write_texts: bool = True) -> None:
-    """Encode ``texts`` as pseudo-split ``split`` of ``folder`` (its ``_caps.txt`` written
-    when ``write_texts``), and their shuffles when ``shuffled``, unless the caches already
-    hold them encoded by ``encoder_name`` (then the encoder is not even loaded)."""
+                   generated: bool = True) -> None:
+    """Encode ``texts`` as pseudo-split ``split`` of ``folder`` (``generated``: its
+    ``_caps.txt`` written here, and encoded; else a real split whose own cache exists),
+    and their shuffles when ``shuffled``, unless the caches already hold them encoded by
+    ``encoder_name`` (then the encoder is not even loaded)."""
     from acf_fast.data import encode_split
     from acf_fast.data.checks import write_text_atomic
     from acf_fast.data.encode import cache_is_fresh
 
     caps = folder / f"{split}_caps.txt"
-    if write_texts and (not caps.is_file() or caps.read_text(encoding="utf-8") != "".join(t + "\n" for t in texts)):
+    if generated and (not caps.is_file() or caps.read_text(encoding="utf-8") != "".join(t + "\n" for t in texts)):
         write_text_atomic(caps, texts)
-    for seed in (None, SHUFFLE_SEED) if shuffled else (None,):
+    for seed in ((None,) if generated else ()) + ((SHUFFLE_SEED,) if shuffled else ()):
         if not cache_is_fresh(folder, split, texts, encoder_name, max_length, shuffle_seed=seed):
             encode_split(folder, split, encoder_getter(), max_length=max_length, dtype=torch.float16,
                          progress=progress, shuffle_seed=seed)
@@ -156,7 +157,7 @@ class TrainData:
         encoder_name = meta.get("encoder")
         common = dict(encoder_name=encoder_name, shuffled=self.shuffle, progress=cfg.progress)
         # The captions' shuffles keep the captions' own max_length, so the masks match.
-        ensure_encoded(folder, cfg.train_split, self.split.captions, encoder_getter, write_texts=False,
+        ensure_encoded(folder, cfg.train_split, self.split.captions, encoder_getter, generated=False,
                        max_length=int(meta.get("max_length", cfg.max_length)), **common)
         self.texts = load_text_set(folder, cfg.train_split, self.shuffle)
         self.pos = {}
