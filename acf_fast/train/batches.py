@@ -10,7 +10,8 @@ Frozen encoder (default): every text is encoded once and cached (``data.encode_s
 The shuffles are made only when the negatives use them ("shuffle", "mixture"). Each
 text has ONE shuffled version, drawn with ``SHUFFLE_SEED`` [choice]: the spec asks to
 encode a shuffle once and cache it, and a fixed draw lets every run and ablation row
-on a data folder share the cache. Generated caches are stored and held in float16.
+on a data folder share the cache. Generated caches are stored in float16, and the
+positives (4-5 texts per caption) are held in memory in float16 as well.
 
 Encoder in the loop (``--finetune``): token ids instead, built per access (positives
 and shuffles drawn from the step generator).
