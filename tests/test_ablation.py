@@ -22,11 +22,16 @@ def test_summary_and_verdicts():
     assert summary["full"]["rsum"]["mean"] == 302.0
     assert summary["full"]["rsum"]["std"] == pytest.approx(statistics.stdev([300.0, 302.0, 304.0]))
     assert summary["w/o both"]["seeds"] == [0, 1, 2] and summary["full"]["seconds"]["mean"] == 2.0
-    verdicts = {(c["better"], c["worse"]): c["verdict"] for c in compare(summary)}
+    comparisons = compare(summary, runs)
+    verdicts = {(c["better"], c["worse"]): c["verdict"] for c in comparisons}
     # 302 - 282 = 20 > 3 x 2.65; 302 - 310 = -8 < -3 x 2; 302 - 302: within noise.
     assert verdicts == {("full", "w/o both"): "reproduced", ("full", "triplet loss"): "reversed",
                         ("full", "w/o CMF"): "not separated"}
     assert all(pair in ORDERINGS for pair in verdicts)
+    # Per seed: full - w/o CMF = 1, -3, 2 -> mean 0, holds in 2 of 3 seeds.
+    cmf = next(c for c in comparisons if c["worse"] == "w/o CMF")
+    assert cmf["per_seed"]["mean"] == pytest.approx(0.0) and cmf["seeds_above"] == 2 and cmf["seeds_compared"] == 3
+    assert cmf["per_seed"]["std"] == pytest.approx(statistics.stdev([1.0, -3.0, 2.0]))
 
 
 def test_ablation_end_to_end_and_resume(tmp_path, capsys):
