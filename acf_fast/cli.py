@@ -7,7 +7,7 @@ import os
 import sys
 
 # Order = order in --help. Each name is a module in acf_fast.commands.
-COMMANDS = ("data", "evaluate", "train", "demo", "ablation", "bench")
+COMMANDS = ("data", "evaluate", "train", "demo", "real", "ablation", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

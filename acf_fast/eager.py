@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import EPS
+from .notation import cosine, masked_mean
 
 # Images per block: bounds the materialised (block, K, D) tensors (~4 at a time).
 _BLOCK_BYTES = 256 * 2**20
@@ -28,20 +28,6 @@ def _heads_attend(Xq, Xk, key_mask, s, heads, z_x, z_y, z_o):
         logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     out = (torch.softmax(logits, dim=-1) @ Kh).transpose(1, 2).reshape(n, m, D)
     return out if z_o is None else out @ z_o
-
-
-def _cos(x, y):
-    return (x * y).sum(-1) / torch.clamp(x.norm(dim=-1) * y.norm(dim=-1), min=EPS)
-
-
-def _masked_mean(x, mask):
-    """Mean over dim 1 of the rows where mask (n, r) is True; x is (n, r) or (n, r, D)."""
-    if mask is None:
-        return x.mean(1)
-    m = mask.to(x.dtype)
-    if x.dim() == 3:
-        return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-    return (x * m).sum(1) / m.sum(1)
 
 
 def eager_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb):
@@ -74,16 +60,16 @@ def eager_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
             w_rep = w.unsqueeze(0).expand(n, -1, -1)
             w_star = _heads_attend(v, w_rep, None, s_i2t, heads, z_x, z_y, z_o)  # (n, K, D)
             v_star = _heads_attend(w_rep, v, vm, s_t2i, heads, z_x, z_y, z_o)  # (n, L_j, D)
-            local = u1 * _masked_mean(_cos(v, w_star), vm) + (1 - u1) * _cos(w_rep, v_star).mean(1)
+            local = u1 * masked_mean(cosine(v, w_star), vm) + (1 - u1) * cosine(w_rep, v_star).mean(1)
             if G is not None:
-                Wg = _masked_mean(w_star, vm)
+                Wg = masked_mean(w_star, vm)
                 Vg = v_star.mean(1)
                 if "x_w" in wts:
                     Wg = Wg @ wts["x_w"]
                 if "x_v" in wts:
                     Vg = Vg @ wts["x_v"]
                 Vg = gate * Vg + (1 - gate) * Gx[start : start + block]
-                glob = _cos(Vg, Wg)
+                glob = cosine(Vg, Wg)
             elif global_emb is not None:
                 glob = Gi[start : start + block] @ Gt[j]
             else:

@@ -33,6 +33,7 @@ import torch
 
 from .ranking import check_k, check_scores, count_before_targets
 from .rerank import NEIGHBOR_MODES, ORACLE_LABEL, rerank_i2t, rerank_t2i, text_neighbors
+from .validate import check_txt2img
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = ("r1", "r5", "r10", "medr", "meanr")
@@ -44,37 +45,6 @@ PROTOCOLS = {
     "f30k": {"shape": (1000, 5000), "folds": 1},
     "any": {"shape": None, "folds": 1},
 }
-
-
-def check_txt2img(txt2img, N: int, M: int, name: str = "txt2img") -> torch.Tensor:
-    """(M,) long image id per caption; default t // 5 (needs M == 5 N). Every image
-    needs at least one caption (else its I2T rank is undefined)."""
-    if txt2img is None:
-        if M != 5 * N:
-            raise ValueError(
-                f"{name} not given and S has {M} texts for {N} images; the default (caption t -> image t // 5) "
-                f"needs exactly 5 per image ({5 * N} texts): pass {name}"
-            )
-        return torch.arange(M) // 5
-    if isinstance(txt2img, (list, tuple)):
-        txt2img = np.asarray(txt2img)
-    if isinstance(txt2img, np.ndarray):
-        if not np.issubdtype(txt2img.dtype, np.integer):
-            raise ValueError(f"{name} must hold integer image ids, got dtype {txt2img.dtype}")
-        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img))
-    if not isinstance(txt2img, torch.Tensor) or txt2img.dtype.is_floating_point or txt2img.dtype == torch.bool:
-        raise ValueError(f"{name} must be a 1-D array of integer image ids")
-    if txt2img.dim() != 1 or txt2img.numel() != M:
-        raise ValueError(f"{name} must have one image id per text: shape ({M},), got {tuple(txt2img.shape)}")
-    txt2img = txt2img.long().cpu()
-    lo, hi = int(txt2img.min()), int(txt2img.max())
-    if lo < 0 or hi >= N:
-        raise ValueError(f"{name} holds image ids in [{lo}, {hi}] but S has {N} images (ids 0..{N - 1})")
-    counts = torch.bincount(txt2img, minlength=N)
-    if bool((counts == 0).any()):
-        first = int((counts == 0).nonzero()[0, 0])
-        raise ValueError(f"{name}: image {first} has no caption ({int((counts == 0).sum())} images without any)")
-    return txt2img
 
 
 def _check_heads(heads, n_lists: int, length: int, name: str, device) -> torch.Tensor:

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .notation import cosine_from_squares
 from .precompute import ItemSide, compute_dtype, precompute_items
 
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -55,7 +56,6 @@ _CACHE_BYTES = 4 * 2**20
 _PAIR_TEXTS = 8
 # Texts precomputed together (one (m·L, D) x (D, D) GEMM each); bounded by ITEM_BUDGET_BYTES too.
 _TEXT_BLOCK = 64
-_EPS2 = 1e-16  # (1e-8)², the cosine's clamp applied to squared norms
 
 
 def _chunk_shape(N: int, M: int, K: int, L: int, D: int, H: int, elem: int,
@@ -89,11 +89,6 @@ def _image_block(N: int, K: int, D: int, H: int, elem: int, pairwise: bool) -> i
 
 def _text_block(M: int, L: int, D: int, H: int, elem: int, pairwise: bool) -> int:
     return max(1, min(M, _TEXT_BLOCK, ITEM_BUDGET_BYTES // _item_bytes(L, D, H, elem, pairwise)))
-
-
-def _cos_from_sq(num: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
-    """num / max(‖a‖‖b‖, 1e-8) from the squared norms (clamped so the gradient stays finite)."""
-    return num * torch.rsqrt(torch.clamp(sq_a * sq_b, min=_EPS2))
 
 
 def _quad_i2t(A: torch.Tensor, gram: torch.Tensor, block_diagonal: bool) -> torch.Tensor:
@@ -159,7 +154,7 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
     E_i2t = raw_i2t if img.o_is_q else torch.bmm(heads_rows(img.O), Kw_cols).view(H, n, K, m, L)
     num_i2t = torch.linalg.vecdot(A, E_i2t).sum(0)  # (n, K, m)
     sq_w = _quad_i2t(A, txt.gram, txt.block_diagonal).view(m, n, K).permute(1, 2, 0)  # (n, K, m)
-    cos_i2t = _cos_from_sq(num_i2t, (img.norm ** 2)[:, :, None], sq_w)
+    cos_i2t = cosine_from_squares(num_i2t, (img.norm ** 2)[:, :, None], sq_w)
     local_i2t = (cos_i2t * vw[:, :, None]).sum(1)  # (n, m)
 
     # ---- words attend to regions: B seen as (H, m, L, n, K), softmax over the image's valid regions
@@ -177,7 +172,7 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
         E_t2i = torch.bmm(heads_rows(txt.O), heads_cols(img.Kk)).view(H, m, L, n, K)
     num_t2i = torch.linalg.vecdot(B, E_t2i).sum(0)  # (m, L, n)
     sq_v = _quad_t2i(B, img.gram, img.block_diagonal).view(n, m, L).permute(1, 2, 0)  # (m, L, n)
-    cos_t2i = _cos_from_sq(num_t2i, (txt.norm ** 2)[:, :, None], sq_v)
+    cos_t2i = cosine_from_squares(num_t2i, (txt.norm ** 2)[:, :, None], sq_v)
     local_t2i = (cos_t2i * ww[:, :, None]).sum(1).T  # (n, m)
 
     local = u1 * local_i2t + (1 - u1) * local_t2i
@@ -186,7 +181,7 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
         Wg = torch.bmm(abar, txt.Pglob).transpose(0, 1)  # (n, m, D)
         bbar = torch.einsum("hmlnk,ml->nmhk", B, ww).reshape(n, m, H * K)
         Vg = torch.bmm(bbar, img.Pglob) + img.gx[:, None, :]  # (n, m, D)
-        glob = _cos_from_sq(torch.linalg.vecdot(Vg, Wg), torch.linalg.vecdot(Vg, Vg), torch.linalg.vecdot(Wg, Wg))
+        glob = cosine_from_squares(torch.linalg.vecdot(Vg, Wg), torch.linalg.vecdot(Vg, Vg), torch.linalg.vecdot(Wg, Wg))
     elif emb_i is not None:
         glob = emb_i @ emb_t.T
     else:

@@ -35,10 +35,10 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .notation import l2norm, masked_mean
 from .similarity import VARIANTS, acf_similarity
 from .validate import MATRIX_WEIGHTS
 
-EPS = 1e-8
 CONFIG_KEY = "acf_config"
 FORMAT_KEY = "acf_format"
 FORMAT = "acf-fast/1"
@@ -47,31 +47,6 @@ WORD_NORMS = ("l2", "none")
 DEFAULT_WORD_NORM = {"paper": "l2", "acf-code": "none"}
 # Std of the noise added to the identity init of the fusion matrices (times 1/sqrt(D)).
 FUSION_INIT_NOISE = 0.02
-
-
-def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x / max(‖x‖, 1e-8) along ``dim`` (spec notation), any shape and float dtype.
-
-    Gradient: exact where ‖x‖ > 1e-8; ZERO inside the clamp (zero rows). The clamped
-    form x / 1e-8 has a Jacobian of I / 1e-8 there, and a zero row is legitimate input
-    (spec §1: a white-background CNN cell or a padded region meets a zero-initialised
-    bias): its 1e8 gradient, times the cosine's own 1e8 on the zero row that follows,
-    put ~1e15 into region_fc.bias on the first step (issue 12). A zero vector has no
-    direction, so it is treated as a constant: the row stays out of learning until
-    the bias moves it off zero, which the other rows' gradients do on the first step.
-    """
-    norm = x.norm(dim=dim, keepdim=True)
-    off_zero = norm > EPS
-    safe = torch.where(off_zero, norm, torch.ones_like(norm))
-    return torch.where(off_zero, x / safe, (x / EPS).detach())
-
-
-def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over dim 1 of the valid rows: x (n, r, C), mask (n, r) bool or None -> (n, C)."""
-    if mask is None:
-        return x.mean(1)
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / torch.clamp(m.sum(1), min=1.0)
 
 
 class ACF(nn.Module):
@@ -209,7 +184,7 @@ class ACF(nn.Module):
                     f"globals is None, so the global feature would be the mean region, but global_dim = "
                     f"{self.config['global_dim']} differs from region_dim = {self.config['region_dim']}"
                 )
-            g = _masked_mean(F, mask)
+            g = masked_mean(F, mask)
         else:
             g = self._as_input(globals, "globals", 2, self.config["global_dim"])
             if g.shape[0] != F.shape[0]:
@@ -238,7 +213,7 @@ class ACF(nn.Module):
 
     def text_vectors(self, W: torch.Tensor, word_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(M, D): l2norm of the mean of W's valid rows (acf-code Gt; re-ranker neighbours)."""
-        return l2norm(_masked_mean(W, word_mask))
+        return l2norm(masked_mean(W, word_mask))
 
     def fusion_weights(self) -> Dict[str, torch.Tensor]:
         """The ``weights`` mapping for :func:`acf_similarity` (empty for acf-code)."""
@@ -269,7 +244,7 @@ class ACF(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from .data.checks import atomic_path
+        from .atomic import atomic_path
 
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.update({CONFIG_KEY: json.dumps(self.config, sort_keys=True), FORMAT_KEY: FORMAT, "format": "pt"})

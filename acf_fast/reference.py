@@ -13,12 +13,7 @@ from typing import Mapping, Optional
 
 import torch
 
-EPS = 1e-8
-
-
-def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """R(x, y) = x·y / max(‖x‖‖y‖, 1e-8) along the last dim."""
-    return (x * y).sum(-1) / torch.clamp(x.norm(dim=-1) * y.norm(dim=-1), min=EPS)
+from .notation import cosine
 
 
 def mha(X, Y, s, heads, z_x=None, z_y=None, z_o=None):
@@ -96,12 +91,9 @@ def authors_local_score(images, captions, cap_lens, heads=8, smooth_i2t=4.0, smo
         a = torch.softmax(q @ k.transpose(-2, -1) * smooth, dim=-1)
         return (a @ k).transpose(1, 2).reshape(n, query.shape[1], D)
 
-    def cos(a, b):
-        return (a * b).sum(-1) / torch.clamp(a.norm(dim=-1) * b.norm(dim=-1), min=EPS)
-
     i2t, t2i = [], []
     for t in range(captions.shape[0]):
         cap = captions[t, : int(cap_lens[t])].unsqueeze(0).repeat(N, 1, 1)
-        i2t.append(cos(images, attend(images, cap, smooth_i2t)).mean(1))
-        t2i.append(cos(cap, attend(cap, images, smooth_t2i)).mean(1))
+        i2t.append(cosine(images, attend(images, cap, smooth_i2t)).mean(1))
+        t2i.append(cosine(cap, attend(cap, images, smooth_t2i)).mean(1))
     return 0.5 * torch.stack(i2t, 1) + 0.5 * torch.stack(t2i, 1)

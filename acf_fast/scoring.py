@@ -1,164 +1,170 @@
-"""Chunked, resumable scoring of a data split with a checkpoint (spec §4 at full size).
+"""Scoring a data split with a model: the one evaluation pipeline (spec §4 at full size).
 
-A COCO-5K S (5,000 x 25,000) is scored in chunks of images; each chunk is saved as
-``{work}/chunks/rows_{start}_{stop}.npy`` (float32, written to a temp file in the same
-folder and renamed, so a chunk file is either complete or absent). A manifest
-``{work}/manifest.json`` holds a fingerprint of everything that decides the scores:
-the checkpoint (SHA-256 of its bytes and its size), the split's files in the data
-folder (name, size, mtime), the backend, the device type, the chunk size and the
-package version. A rerun with the same fingerprint reuses every saved chunk and
-computes only the missing ones; any change discards the saved chunks.
+Every S of a split comes from here: ``acf-fast evaluate --data``, ``acf-fast train
+--eval-test`` (and so the ablation), the demo, and the trainer's validation
+(:func:`score_items` on tensors already in memory). One path means one set of
+numerics: the same checkpoint gives the same S whichever command asks.
 
-    S, info = score_chunks(score_rows, N, M, work, fingerprint, chunk_images=256)
-    scored = score_split("run/best.safetensors", "data/", "test", work="eval_work")
+- Texts are encoded once (``model.encode_texts``), sorted by length and cut into
+  chunks, each padded only to its own longest text (the per-pair cost grows with L
+  and L²); S's columns are put back in caption order.
+- Images go in chunks of ``chunk_images``; with :func:`score_split` each chunk is
+  saved by :class:`~acf_fast.chunk_cache.ChunkCache`, so an interrupted run resumes
+  where it stopped and a changed model, data file, backend, precision or chunking
+  starts afresh.
+- ``precision``: "fp32" (default; float32 throughout, the spec §9 1e-4 contract) or
+  "bf16" (bf16 autocast on CUDA, fp32 accumulation, the 5e-3 contract). It is one
+  explicit option of every command and is recorded with every result.
+
+    scored = score_split("run/best.safetensors", "data/", "test")   # ScoredSplit
+    S, text_vectors = score_items(model, regions, rmask, globals, words, wmask)
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_text
+from .chunk_cache import ChunkCache
+from .machine import resolve_device
+from .similarity import BACKENDS
 
-MANIFEST = "manifest.json"
-FORMAT = 1
-_CHUNK_RE = re.compile(r"^rows_(\d+)_(\d+)\.npy$")
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Call ``write(file)`` on a temp file in ``path``'s folder, then rename it over ``path``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_PRECISION = "fp32"
 
 
-def write_json_atomic(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision='bf16' is bf16 autocast on a CUDA device; device is {device}: use 'fp32'")
 
 
-def save_npy_atomic(path, arr: np.ndarray) -> None:
-    # np.save on a file object: on a path it would append ".npy" to the temp name.
-    _atomic_write(Path(path), lambda f: np.save(f, arr, allow_pickle=False))
+def _autocast(precision: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def sha256_file(path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def image_tensors(split, rows, device) -> tuple:
+    """(regions (n, K, Dv) float32, region_mask (n, K) bool|None, globals (n, Dg) float32|None)
+    on ``device`` for ``rows`` (a slice or an int array; None = all) of a loaded ``Split``."""
+    sel = slice(None) if rows is None else rows
+    # np.array copies: the memmap is read-only and torch wants writable memory.
+    regions = torch.from_numpy(np.array(split.regions[sel], dtype=np.float32)).to(device)
+    mask = None if split.region_mask is None else torch.from_numpy(np.array(split.region_mask[sel], dtype=bool)).to(device)
+    glob = None if split.globals is None else torch.from_numpy(np.array(split.globals[sel], dtype=np.float32)).to(device)
+    return regions, mask, glob
+
+
+@dataclass
+class EncodedTexts:
+    """Texts encoded once for scoring against any number of image chunks.
+
+    order: (M,) int64, the length-sorted permutation; chunks: (W (m, L_c, D), mask
+    (m, L_c) bool) on the scoring device in that order; vectors: (M, D) float32 CPU,
+    the model's per-text vectors in caption order (``embedding`` neighbours).
+    """
+
+    order: torch.Tensor
+    chunks: List[Tuple[torch.Tensor, torch.Tensor]]
+    vectors: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.order.numel())
+
+
+def default_text_chunk(device: torch.device) -> int:
+    # The torch backend's peak memory grows with images x texts per call (about
+    # 3 GB for 1,000 x 100 at L = 23, D = 128 on the CPU): keep calls small there.
+    return 1024 if device.type == "cuda" else 100
+
+
+@torch.no_grad()
+def encode_texts(model, words: torch.Tensor, word_mask: torch.Tensor, device, *,
+                 precision: str = DEFAULT_PRECISION, text_chunk: Optional[int] = None) -> EncodedTexts:
+    """Cached text features words (M, L, Db) float / word_mask (M, L) bool (any device)
+    -> :class:`EncodedTexts` on ``device``, chunks of ``text_chunk`` texts of similar length."""
+    device = torch.device(device)
+    text_chunk = text_chunk or default_text_chunk(device)
+    order = torch.argsort(word_mask.sum(1).cpu(), stable=True)
+    chunks, vectors = [], []
+    with _eval_mode(model), _autocast(precision):
+        for start in range(0, order.numel(), text_chunk):
+            idx = order[start:start + text_chunk]
+            m = word_mask[idx.to(word_mask.device)]
+            L = int(m.any(0).nonzero().max()) + 1
+            w = words[idx.to(words.device), :L].to(device=device, dtype=torch.float32)
+            m = m[:, :L].to(device)
+            W = model.encode_texts(w, m)
+            chunks.append((W, m))
+            vectors.append(model.text_vectors(W, m).float().cpu())
+    return EncodedTexts(order, chunks, torch.cat(vectors)[torch.argsort(order)])
+
+
+@torch.no_grad()
+def score_images(model, texts: EncodedTexts, regions, region_mask, globals_, *, backend: str = "auto",
+                 precision: str = DEFAULT_PRECISION) -> torch.Tensor:
+    """S (n, M) float32 CPU, columns in caption order, for images regions (n, K, Dv),
+    region_mask (n, K) bool|None, globals_ (n, Dg)|None on the texts' device."""
+    with _eval_mode(model), _autocast(precision):
+        V, G = model.encode_images(regions, region_mask, globals_)
+        cols = [model.score(V, region_mask, G, W, m, backend=backend).float().cpu() for W, m in texts.chunks]
+    return torch.cat(cols, dim=1)[:, torch.argsort(texts.order)]
+
+
+def score_items(model, regions, region_mask, globals_, words, word_mask, *, backend: str = "auto",
+                precision: str = DEFAULT_PRECISION, text_chunk: Optional[int] = None):
+    """(S (N, M) float32 CPU, text_vectors (M, D) float32 CPU) for images and texts already
+    in memory (the images' device scores). The trainer's validation; same numerics as
+    :func:`score_split`."""
+    check_precision(precision, regions.device)
+    texts = encode_texts(model, words, word_mask, regions.device, precision=precision, text_chunk=text_chunk)
+    S = score_images(model, texts, regions, region_mask, globals_, backend=backend, precision=precision)
+    return S, texts.vectors
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of a model's config and every tensor of its state (a checkpoint's identity)."""
+    h = hashlib.sha256(json.dumps(getattr(model, "config", {}), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _fingerprint_hash(fp: dict) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-
-
-def _read_manifest(path: Path) -> Optional[dict]:
-    try:
-        with open(path, "rb") as f:
-            m = json.loads(f.read())
-        return m if isinstance(m, dict) else None
-    except (OSError, ValueError):
-        return None  # absent or unreadable: start afresh
-
-
-def _clear_chunks(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        if _CHUNK_RE.match(p.name) or p.name.endswith(".tmp"):
-            p.unlink()
-
-
-def _load_chunk(path: Path, rows: int, M: int) -> Optional[np.ndarray]:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if arr.shape != (rows, M) or arr.dtype != np.float32 or not np.isfinite(arr).all():
-        return None
-    return arr
-
-
-def score_chunks(
-    score_rows: Callable[[int, int], object],
-    N: int,
-    M: int,
-    work,
-    fingerprint: dict,
-    chunk_images: int = 256,
-    progress: bool = True,
-    on_chunk: Optional[Callable[[int, int], None]] = None,
-):
-    """Assemble S (N, M) float32 from chunks of images, resuming from ``work``.
-
-    Args:
-        score_rows: (start, stop) -> scores of images [start, stop) against all M
-            texts, (stop - start, M) tensor or array.
-        work: folder for the manifest and the chunk files (created).
-        fingerprint: JSON-able dict of everything the scores depend on.
-        chunk_images: images per saved chunk (part of the fingerprint too).
-        on_chunk: called with (start, stop) after each chunk is computed and saved.
-
-    Returns:
-        (S np.ndarray (N, M) float32, info {"chunks", "reused", "computed", "work"}).
-    """
-    if not isinstance(chunk_images, int) or chunk_images < 1:
-        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
-    work = Path(work)
-    chunks = work / "chunks"
-    chunks.mkdir(parents=True, exist_ok=True)
-    fp = dict(fingerprint, chunk_images=chunk_images, format=FORMAT, shape=[N, M])
-    digest = _fingerprint_hash(fp)
-    old = _read_manifest(work / MANIFEST)
-    if old is None or old.get("fingerprint_hash") != digest:
-        _clear_chunks(chunks)  # stale: other checkpoint, data, backend or chunking
-        write_json_atomic(work / MANIFEST, {"fingerprint_hash": digest, "fingerprint": fp})
-    from tqdm.auto import tqdm
-
-    S = np.empty((N, M), dtype=np.float32)
-    info = {"chunks": 0, "reused": 0, "computed": 0, "work": str(work)}
-    with tqdm(total=N, unit="img", desc="scoring", disable=not progress) as bar:
-        for a in range(0, N, chunk_images):
-            b = min(N, a + chunk_images)
-            path = chunks / f"rows_{a}_{b}.npy"
-            info["chunks"] += 1
-            arr = _load_chunk(path, b - a, M) if path.exists() else None
-            if arr is not None:
-                S[a:b] = arr
-                info["reused"] += 1
-                bar.update(b - a)
-                continue
-            rows = score_rows(a, b)
-            if isinstance(rows, torch.Tensor):
-                rows = rows.detach().to("cpu", torch.float32).numpy()
-            rows = np.ascontiguousarray(rows, dtype=np.float32)
-            if rows.shape != (b - a, M):
-                raise ValueError(f"score_rows({a}, {b}) returned shape {rows.shape}, expected {(b - a, M)}")
-            if not np.isfinite(rows).all():
-                raise ValueError(f"scores of images [{a}, {b}) contain NaN or Inf; not saved")
-            save_npy_atomic(path, rows)
-            S[a:b] = rows
-            info["computed"] += 1
-            bar.update(b - a)
-            if on_chunk is not None:
-                on_chunk(a, b)
-    return S, info
+def data_fingerprint(folder, split: str) -> list:
+    """(name, size, mtime_ns) of every ``{split}_*`` file in the folder (hashing GBs of
+    features on every run would cost more than scoring a chunk)."""
+    out = []
+    for p in sorted(Path(folder).glob(f"{split}_*")):
+        if p.is_file() and ".tmp" not in p.name:
+            st = p.stat()
+            out.append([p.name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 @dataclass
 class ScoredSplit:
     """S (N, M) float32 CPU tensor, text_vectors (M, D) float32 CPU tensor (the model's
-    per-text vectors, for ``embedding`` neighbours), txt2img (M,) int64, scoring info."""
+    per-text vectors, for ``embedding`` neighbours), txt2img (M,) int64, and info: how
+    it was scored (backend, precision, device, chunks reused / computed, work folder)."""
 
     S: torch.Tensor
     text_vectors: torch.Tensor
@@ -166,83 +172,69 @@ class ScoredSplit:
     info: dict = field(default_factory=dict)
 
 
-def data_fingerprint(folder, split: str) -> list:
-    """(name, size, mtime_ns) of every ``{split}_*`` file in the folder (hashing GBs of
-    features on every run would cost more than scoring a chunk)."""
-    folder = Path(folder)
-    out = []
-    for p in sorted(folder.glob(f"{split}_*")):
-        if p.is_file() and not p.name.endswith(".tmp"):
-            st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
-    return out
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def score_split(
-    checkpoint,
+    model,
     folder,
     split: str = "test",
     *,
     work=None,
     backend: str = "auto",
-    device=None,
+    device="auto",
+    precision: str = DEFAULT_PRECISION,
     chunk_images: int = 256,
+    text_chunk: Optional[int] = None,
     progress: bool = True,
     on_chunk: Optional[Callable[[int, int], None]] = None,
 ) -> ScoredSplit:
-    """Score a SCAN-layout split with a checkpoint, in resumable chunks.
+    """Score a SCAN-layout split (captions encoded by ``acf-fast data encode``) in
+    resumable chunks of images.
 
-    Uses ``ACF.load``, ``load_split``, ``load_encoded`` (run ``acf-fast data encode``
-    first), ``encode_texts`` once for all captions, then per chunk of images
-    ``encode_images`` and ``score`` (``acf_similarity`` with the given backend).
-    ``work`` defaults to ``<checkpoint folder>/eval_<split>``.
+    Args:
+        model: a checkpoint path (``ACF.save``) or an ACF instance (moved to ``device``).
+        work: folder of the chunk cache; default ``<checkpoint folder>/eval_<split>``
+            (required with an instance).
+        backend: ``acf_similarity`` backend. device: "auto", "cpu", "cuda", ...
+        precision: one of PRECISIONS (see the module docstring).
+        on_chunk: called with (start, stop) after each newly computed chunk is saved.
     """
     import acf_fast
     from .data import load_encoded, load_split
     from .model import ACF
 
-    checkpoint, folder = Path(checkpoint), Path(folder)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(chunk_images, int) or chunk_images < 1:
+        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
+    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--data {folder} is not a folder")
-    dev = resolve_device(device)
-    work = Path(work) if work is not None else checkpoint.parent / f"eval_{split}"
-    fingerprint = {
-        "checkpoint": {"sha256": sha256_file(checkpoint), "size": checkpoint.stat().st_size},
-        "data": data_fingerprint(folder, split),
-        "split": split,
-        "backend": backend,
-        "device": dev.type,
-        "version": getattr(acf_fast, "__version__", "?"),
-    }
+    if isinstance(model, (str, Path)):
+        checkpoint = Path(model)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+        work = Path(work) if work is not None else checkpoint.parent / f"eval_{split}"
+        model = ACF.load(checkpoint, map_location=str(dev))
+    elif work is None:
+        raise ValueError("score_split of a model instance needs work= (the folder of its chunk cache)")
+    model = model.to(dev)
     data = load_split(folder, split)
     words, word_mask = load_encoded(folder, split)
-    M = len(data.captions)
+    M = data.num_captions
     if words.shape[0] != M:
         raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
-    model = ACF.load(checkpoint, map_location="cpu").to(dev).eval()
-    with torch.no_grad():
-        word_mask = word_mask.to(dev)
-        W = model.encode_texts(words.to(dev), word_mask)
-        text_vectors = model.text_vectors(W, word_mask)
+    text_chunk = text_chunk or default_text_chunk(dev)
+    settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
+    fingerprint = dict(settings, model=model_fingerprint(model), data=data_fingerprint(folder, split), split=split,
+                       version=acf_fast.__version__)
+    cache = ChunkCache(work, fingerprint, (data.num_images, M), chunk_rows=chunk_images)
+    texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
 
     def rows(a: int, b: int) -> torch.Tensor:
-        def part(arr):
-            # np.array copies out of the read-only memory map (torch wants writable memory).
-            return None if arr is None else torch.from_numpy(np.array(arr[a:b])).to(dev)
+        regions, rmask, glob = image_tensors(data, slice(a, b), dev)
+        return score_images(model, texts, regions, rmask, glob, backend=backend, precision=precision)
 
-        with torch.no_grad():
-            regions, rmask = part(data.regions), part(data.region_mask)
-            V, G = model.encode_images(regions, rmask, part(data.globals))
-            return model.score(V, rmask, G, W, word_mask, backend=backend)
-
-    S, info = score_chunks(rows, data.num_images, M, work, fingerprint, chunk_images=chunk_images,
-                           progress=progress, on_chunk=on_chunk)
-    return ScoredSplit(torch.from_numpy(S), text_vectors.float().cpu(), np.asarray(data.txt2img, dtype=np.int64), info)
+    S, info = cache.fill(rows, progress=progress, desc=f"score {split}", on_chunk=on_chunk)
+    return ScoredSplit(torch.from_numpy(S), texts.vectors, np.asarray(data.txt2img, dtype=np.int64),
+                       dict(info, **settings, split=split))

@@ -1,4 +1,6 @@
-"""Input checks for ``acf_similarity`` (spec §9: bad input is refused, never propagated).
+"""Input checks (spec §9: bad input is refused, never propagated): the arguments of
+``acf_similarity``, and the caption -> image map ``txt2img`` of the evaluator and the
+re-ranker (one validator for both).
 
 Every error is a ``ValueError`` that names the argument and says what was expected.
 """
@@ -6,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,3 +130,49 @@ def check_similarity_inputs(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weigh
     if G is None and global_emb is None and float(u2) != 1.0:
         raise ValueError(f"u2 = {u2} weights a global score, but neither G nor global_emb was given; pass one or set u2=1")
     return v_mask, w_mask, weights, scale
+
+
+def check_txt2img(txt2img, N: Optional[int] = None, M: Optional[int] = None, name: str = "txt2img") -> torch.Tensor:
+    """The image of each caption, checked: (M,) int64 on ``txt2img``'s device (CPU for arrays and lists).
+
+    Args:
+        txt2img: 1-D integer tensor, array or list; None means caption t -> image t // 5
+            (COCO, Flickr30K), which needs N and M == 5 N.
+        N: the number of images when known: ids must lie in [0, N) and every image needs
+            a caption (else its I2T rank is undefined). Without N, ids must be >= 0.
+        M: the number of texts when known (the length txt2img must have).
+    """
+    if txt2img is None:
+        if N is None or M is None:
+            raise ValueError(f"{name} is needed: one image id per caption")
+        if M != 5 * N:
+            raise ValueError(
+                f"{name} not given and S has {M} texts for {N} images; the default (caption t -> image t // 5) "
+                f"needs exactly 5 per image ({5 * N} texts): pass {name}"
+            )
+        return torch.arange(M) // 5
+    if isinstance(txt2img, (list, tuple)):
+        txt2img = np.asarray(txt2img)
+    if isinstance(txt2img, np.ndarray):
+        if not np.issubdtype(txt2img.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer image ids, got dtype {txt2img.dtype}")
+        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img))
+    if not isinstance(txt2img, torch.Tensor) or txt2img.dtype.is_floating_point or txt2img.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D array of integer image ids")
+    if txt2img.dim() != 1 or (M is not None and txt2img.numel() != M):
+        want = f"({M},)" if M is not None else "(M,)"
+        raise ValueError(f"{name} must have one image id per text: shape {want}, got {tuple(txt2img.shape)}")
+    if txt2img.numel() == 0:
+        raise ValueError(f"{name} is empty: need at least one caption")
+    txt2img = txt2img.long()
+    lo, hi = int(txt2img.min()), int(txt2img.max())
+    if N is None and lo < 0:
+        raise ValueError(f"{name} holds negative image ids (min {lo})")
+    if N is not None:
+        if lo < 0 or hi >= N:
+            raise ValueError(f"{name} holds image ids in [{lo}, {hi}] but S has {N} images (ids 0..{N - 1})")
+        counts = torch.bincount(txt2img, minlength=N)
+        if bool((counts == 0).any()):
+            first = int((counts == 0).nonzero()[0, 0])
+            raise ValueError(f"{name}: image {first} has no caption ({int((counts == 0).sum())} images without any)")
+    return txt2img

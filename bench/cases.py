@@ -166,30 +166,26 @@ def default_caps(device) -> dict:
 def similarity_case(sizes: Sequence[tuple], variants: Sequence[str], device, *, backends: Sequence[str] = SIMILARITY_BACKENDS,
                     caps: Optional[dict] = None, dtype=torch.float32, K: int = 36, l_min: int = 12, l_max: int = 32,
                     D: int = 1024, heads: int = 8, repeats: int = 3, budget_s: float = 6.0, seed: int = 0,
-                    progress: bool = True, compile_budget_s: Optional[float] = None, deadline: Optional[float] = None) -> list:
+                    progress: bool = True, compiled_rows: Optional[Sequence[dict]] = None,
+                    deadline: Optional[float] = None) -> list:
     """Time every backend on every (N, M) of ``sizes`` for each variant.
 
     Rows carry: variant, backend, N, M, pairs, flops (useful FLOPs, spec §8),
     median_s / q20_s / q80_s, tflops, peak_bytes, status, note, and where eager ran
     at the same size ``max_abs_diff_vs_eager`` (a faithfulness check, not a test).
 
-    With ``compile_budget_s`` set, the torch.compile column runs first, in a child
-    process killed after that many seconds (``bench.compile_worker``), so a slow
-    Inductor compile cannot hold the whole report hostage. Sizes run smallest first, variants
+    ``compiled_rows``: the torch.compile column measured beforehand in a child process
+    (``bench.compile_worker.compile_rows``, which the report runs first under its own
+    budget, so a slow Inductor compile cannot hold the whole report hostage); its rows
+    are used instead of timing torch.compile here. Sizes run smallest first, variants
     interleaved; past ``deadline`` (a ``time.perf_counter()`` value) the remaining
     sizes are reported as skipped.
     """
     device = torch.device(device)
     caps = {**default_caps(device), **(caps or {})}
     rows = []
-    compiled_rows = None
-    if compile_budget_s is not None and "torch.compile" in backends:
-        # First, so its budget is not eaten by the other columns (see bench.compile_worker).
-        from .compile_worker import compile_rows
-
-        got = compile_rows(sorted(sizes, key=lambda t: t[0] * t[1]), variants, device, budget_total_s=compile_budget_s,
-                           cap=caps.get("torch.compile", math.inf), repeats=repeats, budget_s=budget_s, dtype=dtype)
-        compiled_rows = {(r["variant"], r["N"], r["M"]): r for r in got}
+    if compiled_rows is not None:
+        compiled_rows = {(r["variant"], r["N"], r["M"]): r for r in compiled_rows}
     jobs = sorted(((v, s) for v in variants for s in sizes), key=lambda j: (j[1][0] * j[1][1], list(variants).index(j[0])))
     for done, (variant, (N, M)) in enumerate(_progress(jobs, "similarity", progress)):
         if _late(deadline, done):

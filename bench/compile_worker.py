@@ -24,7 +24,7 @@ import torch
 
 def run_child(args_path: str, out_path: str) -> None:
     from . import cases
-    from .report import _jsonable, atomic_write_text
+    from acf_fast.atomic import atomic_write_json
 
     a = json.loads(Path(args_path).read_text())
     torch.set_num_threads(a["threads"])
@@ -41,7 +41,7 @@ def run_child(args_path: str, out_path: str) -> None:
             rows += cases.similarity_case([(N, M)], [variant], device, backends=("torch.compile",),
                                           dtype=getattr(torch, a["dtype"]), repeats=a["repeats"], budget_s=a["budget_s"],
                                           progress=False, caps={"torch.compile": float("inf")})
-        atomic_write_text(Path(out_path), json.dumps(_jsonable(rows)))
+        atomic_write_json(out_path, rows)  # NaN stays NaN: the parent reads it back with json.loads
 
 
 def compile_rows(sizes, variants, device, *, budget_total_s: float, cap: float, repeats: int, budget_s: float,

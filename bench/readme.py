@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from acf_fast.atomic import atomic_write_text
+
 from .markdown import device_lines, render_tables
-from .report import RESULTS_DIR, atomic_write_text, load_results
+from .report import RESULTS_DIR, load_results
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 

@@ -19,9 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from acf_fast.atomic import atomic_write_text  # noqa: F401  (bench.readme and compile_worker use it from here)
+from acf_fast.atomic import atomic_write_text
+from acf_fast.machine import resolve_device
 
 from . import cases
+from .compile_worker import compile_rows
 from .device import device_record
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -61,14 +63,14 @@ PROFILES = {
 }
 
 
-def _jsonable(x):
+def jsonable(x):
     """NaN/Inf -> None (JSON has no NaN), tuples -> lists, recursively."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -119,9 +121,7 @@ def run_report(*, device: Optional[str] = None, quick: bool = False, case_names:
                variants: Sequence[str] = ("paper", "acf-code"), out_dir: Path = RESULTS_DIR, plots: bool = True,
                progress: bool = True, similarity_sizes: Optional[Sequence[tuple]] = None, log=print) -> Path:
     """Run the sweep and write the JSON, markdown and PNGs; returns the JSON path."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but torch sees no CUDA device")
+    dev = resolve_device(device)
     unknown = set(case_names) - set(ALL_CASES)
     if unknown:
         raise ValueError(f"--cases: unknown {sorted(unknown)}; expected any of {', '.join(ALL_CASES)}")
@@ -147,9 +147,16 @@ def run_report(*, device: Optional[str] = None, quick: bool = False, case_names:
         return t_start + share * total
 
     if "similarity" in case_names:
-        results["similarity"] = cases.similarity_case(
-            prof["similarity"], variants, dev, dtype=getattr(torch, prof["dtype"]), deadline=by(0.62),
-            compile_budget_s=min(prof["compile_budget_s"], 0.28 * total), **common)
+        dtype = getattr(torch, prof["dtype"])
+        compiled = None
+        if "torch.compile" in cases.SIMILARITY_BACKENDS:
+            # First, so its budget is not eaten by the other columns (see bench.compile_worker).
+            compiled = compile_rows(sorted(prof["similarity"], key=lambda t: t[0] * t[1]), variants, dev,
+                                    budget_total_s=min(prof["compile_budget_s"], 0.28 * total),
+                                    cap=cases.default_caps(dev)["torch.compile"], repeats=prof["repeats"],
+                                    budget_s=prof["budget_s"], dtype=dtype, log=log)
+        results["similarity"] = cases.similarity_case(prof["similarity"], variants, dev, dtype=dtype, deadline=by(0.62),
+                                                      compiled_rows=compiled, **common)
     if "rerank" in case_names:
         results["rerank"] = cases.rerank_case(prof["rerank"], dev, deadline=by(0.72), **common)
     if "metrics" in case_names:
@@ -172,7 +179,7 @@ def run_report(*, device: Optional[str] = None, quick: bool = False, case_names:
     results["load_average"] = {"start": load_start, "end": os.getloadavg() if hasattr(os, "getloadavg") else None,
                                "cpus": os.cpu_count()}
     annotate(results)
-    results = _jsonable(results)
+    results = jsonable(results)
     stem = results_stem(record, quick)
     out_dir = Path(out_dir)
     json_path = out_dir / f"{stem}.json"

@@ -102,6 +102,22 @@ def time_cuda(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, lo
     return out
 
 
+def time_once(fn: Callable[[], object], device) -> float:
+    """Seconds of exactly one call (a full grid that takes seconds is run once): CUDA
+    events around it on a GPU (after a synchronise), wall clock on the CPU."""
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, **kw) -> dict:
     """Dispatch to :func:`time_cuda` or :func:`time_cpu` by device type."""
     if torch.device(device).type == "cuda":

@@ -2,6 +2,10 @@
 
 Speed does not depend on the values, only on shapes and masks, so the inputs are
 random unit vectors; ragged text lengths are drawn uniformly in [l_min, l_max].
+
+    similarity_inputs(N, M, variant)   acf_similarity's arguments for one size
+    score_matrix(N, M)                 a retrieval-like S and txt2img (re-ranker, metrics)
+    train_batch(B)                     one training batch for ``Objective`` (train step)
 """
 from __future__ import annotations
 
@@ -98,3 +102,32 @@ def score_matrix(N: int, M: int, *, per_image: int = 5, device="cpu", seed: int 
     txt2img = torch.arange(M) // per_image % N
     S[txt2img, torch.arange(M)] += signal
     return S.to(device), txt2img.to(device)
+
+
+def train_batch(B: int, *, K: int = 36, words: int = 32, Dv: int = 2048, Db: int = 384, device="cpu",
+                seed: int = 0) -> dict:
+    """A batch for ``acf_fast.train.objective.Objective`` with cached text features.
+
+    regions (B, K, Dv) with a region_mask (the first B // 5 images have only 2K/3
+    valid regions), globals (B, Dv), words (B, words, Db) / mask with lengths uniform
+    in [max(3, words // 2), words], positives pos_words / pos_mask up to twice as long
+    (a long positive holds two captions), and shuf_words / pos_shuf_words with the same
+    masks, standing in for the cached encodings of the shuffled texts that shuffle
+    negatives take. Padded rows are zero, as the cache holds them.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def texts(L: int):
+        lengths = torch.randint(max(3, words // 2), L + 1, (B,), generator=g)
+        mask = torch.arange(L)[None] < lengths[:, None]
+        return torch.randn(B, L, Db, generator=g) * mask[..., None], mask
+
+    region_mask = torch.ones(B, K, dtype=torch.bool)
+    region_mask[: B // 5, K * 2 // 3:] = False
+    w, m = texts(words)
+    pw, pm = texts(2 * words)
+    batch = {"regions": torch.randn(B, K, Dv, generator=g), "region_mask": region_mask,
+             "globals": torch.randn(B, Dv, generator=g), "words": w, "mask": m, "pos_words": pw, "pos_mask": pm,
+             "shuf_words": torch.randn(w.shape, generator=g) * m[..., None],
+             "pos_shuf_words": torch.randn(pw.shape, generator=g) * pm[..., None]}
+    return {k: v.to(device) for k, v in batch.items()}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from acf_fast import scoring
+from acf_fast.chunk_cache import ChunkCache
 from acf_fast.cli import main
 from acf_fast.evaluate import evaluate_protocol, recall_metrics
 
@@ -119,48 +120,48 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        scoring.score_chunks(rows, 23, 115, tmp_path, fp, chunk_images=5, progress=False, on_chunk=stop_after_second)
+        ChunkCache(tmp_path, fp, (23, 115), 5).fill(rows, progress=False, on_chunk=stop_after_second)
     assert calls == [(0, 5), (5, 10)]
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["rows_0_5.npy", "rows_5_10.npy"]
     calls.clear()
-    got, info = scoring.score_chunks(rows, 23, 115, tmp_path, fp, chunk_images=5, progress=False)
+    got, info = ChunkCache(tmp_path, fp, (23, 115), 5).fill(rows, progress=False)
     assert calls == [(10, 15), (15, 20), (20, 23)]  # the two saved chunks were not recomputed
     assert info["reused"] == 2 and info["computed"] == 3
-    full, _ = scoring.score_chunks(counting_scorer(S)[0], 23, 115, tmp_path / "fresh", fp, 5, progress=False)
+    full, _ = ChunkCache(tmp_path / "fresh", fp, (23, 115), 5).fill(counting_scorer(S)[0], progress=False)
     assert np.array_equal(got, full) and np.array_equal(got, S)
     calls.clear()
-    again, info = scoring.score_chunks(rows, 23, 115, tmp_path, fp, chunk_images=5, progress=False)
+    again, info = ChunkCache(tmp_path, fp, (23, 115), 5).fill(rows, progress=False)
     assert calls == [] and info["reused"] == 5 and np.array_equal(again, S)
 
 
 def test_changed_fingerprint_or_chunking_invalidates(tmp_path):
     S = planted(12)
     rows, calls = counting_scorer(S)
-    scoring.score_chunks(rows, 12, 60, tmp_path, {"checkpoint": "a"}, 4, progress=False)
+    ChunkCache(tmp_path, {"checkpoint": "a"}, (12, 60), 4).fill(rows, progress=False)
     calls.clear()
     S2 = S + 1.0
     rows2, calls2 = counting_scorer(S2)
-    got, info = scoring.score_chunks(rows2, 12, 60, tmp_path, {"checkpoint": "b"}, 4, progress=False)
+    got, info = ChunkCache(tmp_path, {"checkpoint": "b"}, (12, 60), 4).fill(rows2, progress=False)
     assert len(calls2) == 3 and info["reused"] == 0 and np.array_equal(got, S2)
-    got, info = scoring.score_chunks(rows2, 12, 60, tmp_path, {"checkpoint": "b"}, 5, progress=False)
+    got, info = ChunkCache(tmp_path, {"checkpoint": "b"}, (12, 60), 5).fill(rows2, progress=False)
     assert info["reused"] == 0 and np.array_equal(got, S2)
 
 
 def test_corrupt_chunk_is_recomputed(tmp_path):
     S = planted(10)
     rows, calls = counting_scorer(S)
-    scoring.score_chunks(rows, 10, 50, tmp_path, {"x": 1}, 5, progress=False)
+    ChunkCache(tmp_path, {"x": 1}, (10, 50), 5).fill(rows, progress=False)
     (tmp_path / "chunks" / "rows_5_10.npy").write_bytes(b"truncated")
     calls.clear()
-    got, _ = scoring.score_chunks(rows, 10, 50, tmp_path, {"x": 1}, 5, progress=False)
+    got, _ = ChunkCache(tmp_path, {"x": 1}, (10, 50), 5).fill(rows, progress=False)
     assert calls == [(5, 10)] and np.array_equal(got, S)
 
 
 def test_bad_rows_are_refused(tmp_path):
     with pytest.raises(ValueError, match="shape"):
-        scoring.score_chunks(lambda a, b: np.zeros((b - a, 7)), 4, 8, tmp_path, {}, 2, progress=False)
+        ChunkCache(tmp_path, {}, (4, 8), 2).fill(lambda a, b: np.zeros((b - a, 7)), progress=False)
     with pytest.raises(ValueError, match="NaN"):
-        scoring.score_chunks(lambda a, b: np.full((b - a, 8), np.nan), 4, 8, tmp_path, {}, 2, progress=False)
+        ChunkCache(tmp_path, {}, (4, 8), 2).fill(lambda a, b: np.full((b - a, 8), np.nan), progress=False)
     assert not list((tmp_path / "chunks").glob("rows_*"))
 
 
@@ -198,15 +199,16 @@ def save_model(path, seed):
     ACF("paper", embed_dim=16, heads=2, region_dim=DV, global_dim=DV, text_dim=DB).save(path)
 
 
-def direct_scores(ckpt, folder):
+def direct_scores(ckpt, folder, split="test"):
+    """S and text vectors of the whole split in one eager call (no chunks, no sorting)."""
     from acf_fast.data import load_encoded, load_split
     from acf_fast.model import ACF
 
     m = ACF.load(ckpt).eval()
-    d = load_split(folder, "test")
-    words, wmask = load_encoded(folder, "test")
+    d = load_split(folder, split)
+    words, wmask = load_encoded(folder, split)
     with torch.no_grad():
-        rmask = torch.from_numpy(np.array(d.region_mask))
+        rmask = None if d.region_mask is None else torch.from_numpy(np.array(d.region_mask))
         V, G = m.encode_images(torch.from_numpy(np.array(d.regions)), rmask, torch.from_numpy(np.array(d.globals)))
         W = m.encode_texts(words, wmask)
         return m.score(V, rmask, G, W, wmask, backend="eager").numpy(), m.text_vectors(W, wmask).numpy()
@@ -220,17 +222,17 @@ def test_data_path_interrupt_resume_and_changed_checkpoint(tmp_path, monkeypatch
     want, tv = direct_scores(ckpt, data)
 
     computed = []
-    real_chunks = scoring.score_chunks
+    real_fill = ChunkCache.fill
 
-    def interrupting(*args, **kw):
+    def interrupting(self, compute, **kw):
         def on_chunk(a, b):
             computed.append((a, b))
             if len(computed) == 2:
                 raise Interrupt
 
-        return real_chunks(*args, **{**kw, "on_chunk": on_chunk})
+        return real_fill(self, compute, **{**kw, "on_chunk": on_chunk})
 
-    monkeypatch.setattr(scoring, "score_chunks", interrupting)
+    monkeypatch.setattr(ChunkCache, "fill", interrupting)
     argv = ["evaluate", "--data", str(data), "--split", "test", "--checkpoint", str(ckpt), "--backend", "eager",
             "--device", "cpu", "--work", str(work), "--chunk-images", "5", "--quiet", "--k-t2i", "8", "--rerank"]
     with pytest.raises(Interrupt):  # killed after the second chunk
@@ -245,7 +247,7 @@ def test_data_path_interrupt_resume_and_changed_checkpoint(tmp_path, monkeypatch
     S = np.load(tmp_path / "S.npy")
     np.testing.assert_allclose(S, want, atol=1e-5)
     # the same numbers as an uninterrupted run
-    monkeypatch.setattr(scoring, "score_chunks", real_chunks)
+    monkeypatch.setattr(ChunkCache, "fill", real_fill)
     assert main(argv[:-1] + ["--work", str(tmp_path / "w2"), "--rerank", "--out", str(tmp_path / "r2.json")]) == 0
     rec2 = json.loads((tmp_path / "r2.json").read_text())
     assert rec2["plain"] == rec["plain"] and rec2["reranked"] == rec["reranked"]
@@ -253,12 +255,12 @@ def test_data_path_interrupt_resume_and_changed_checkpoint(tmp_path, monkeypatch
     assert rec["reranked"] == want_tv["reranked"]
     # a changed checkpoint invalidates every saved chunk
     save_model(ckpt, seed=2)
-    monkeypatch.setattr(scoring, "score_chunks", interrupting)
+    monkeypatch.setattr(ChunkCache, "fill", interrupting)
     computed.clear()
     with pytest.raises(Interrupt):
         main(argv)
     assert computed == [(0, 5), (5, 10)]
-    monkeypatch.setattr(scoring, "score_chunks", real_chunks)
+    monkeypatch.setattr(ChunkCache, "fill", real_fill)
     scored = scoring.score_split(ckpt, data, "test", work=work, backend="eager", device="cpu", chunk_images=5,
                                  progress=False)
     assert scored.info["reused"] == 2 and scored.info["computed"] == 1
@@ -276,3 +278,51 @@ def test_data_path_needs_checkpoint(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "no.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ one pipeline for every command
+def test_evaluate_data_and_train_eval_test_give_the_same_S(tmp_path, monkeypatch):
+    """``evaluate --data`` and ``train --eval-test`` score one checkpoint through the one
+    ``score_split``: bit-identical S, the same metrics and the same recorded precision."""
+    from test_train_trainer import make_tiny_data
+
+    data, bert = make_tiny_data(tmp_path / "data", train_images=10, dev_images=4)
+    seen = []
+    real = scoring.score_split
+
+    def spy(*args, **kw):
+        seen.append(real(*args, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(scoring, "score_split", spy)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--encoder", bert, "--out", str(run), "--epochs", "1", "--batch-size",
+                 "16", "--embed-dim", "16", "--heads", "2", "--backend", "torch", "--device", "cpu", "--quiet",
+                 "--eval-test", "dev"]) == 0
+    out, sims = tmp_path / "r.json", tmp_path / "S.npy"
+    assert main(["evaluate", "--data", str(data), "--split", "dev", "--checkpoint", str(run / "best.safetensors"),
+                 "--backend", "torch", "--device", "cpu", "--work", str(tmp_path / "w"), "--save-sims", str(sims),
+                 "--out", str(out), "--quiet"]) == 0
+    assert len(seen) == 2
+    trained, evaluated = seen
+    assert evaluated.info["reused"] == 0  # scored afresh, not read from the train command's chunks
+    assert torch.equal(trained.S, evaluated.S) and np.array_equal(np.load(sims), evaluated.S.numpy())
+    want, _ = direct_scores(run / "best.safetensors", data, "dev")
+    np.testing.assert_allclose(evaluated.S.numpy(), want, atol=1e-5)  # and both are right
+    metrics, rec = json.loads((run / "dev_metrics.json").read_text()), json.loads(out.read_text())
+    assert {k: metrics[k] for k in ("i2t", "t2i", "rsum")} == rec["plain"]
+    assert metrics["scoring"]["precision"] == rec["scoring"]["precision"] == rec["source"]["precision"] == "fp32"
+
+
+def test_precision_is_checked_before_any_work(tmp_path, capsys):
+    write_split(tmp_path / "data")
+    ckpt = tmp_path / "best.safetensors"
+    save_model(ckpt, seed=1)
+    work = tmp_path / "work"
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--precision", "bf16", "--work", str(work)]) == 2
+    assert "precision='bf16'" in capsys.readouterr().err and not work.exists()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(run), "--device", "cpu", "--precision", "bf16",
+                 "--eval-test", "test"]) == 2
+    assert "precision='bf16'" in capsys.readouterr().err and not run.exists()

@@ -85,8 +85,8 @@ def test_switches_select_blocks():
         Objective(model, loss="hinge")
 
 
-def test_score_split_matches_direct_score():
-    from acf_fast.train.scoring import score_split
+def test_score_items_matches_direct_score():
+    from acf_fast.scoring import score_items
 
     torch.manual_seed(0)
     model = ACF("paper", embed_dim=8, heads=2, region_dim=12, global_dim=12, text_dim=10)
@@ -95,8 +95,8 @@ def test_score_split_matches_direct_score():
     mask = torch.cat([b["mask"], b["pos_mask"][:, :9]])
     mask[:, 0] = True
     words = words * mask[..., None]
-    S, tv = score_split(model, b["regions"], b["region_mask"], b["globals"], words, mask, backend="torch",
-                        text_chunk=3, return_text_vectors=True)
+    S, tv = score_items(model, b["regions"], b["region_mask"], b["globals"], words, mask, backend="torch",
+                        text_chunk=3)
     V, G = model.encode_images(b["regions"], b["region_mask"], b["globals"])
     W = model.encode_texts(words, mask)
     want = model.score(V, b["region_mask"], G, W, mask, backend="eager")

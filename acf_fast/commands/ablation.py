@@ -131,7 +131,8 @@ def markdown(result: dict) -> str:
         f"{load['start'][0]:.2f}, at end {load['end'][0]:.2f} on {m['cpus']} CPUs",
         f"- data: synthetic (spec §7), data seed {result['data_seed']}, knobs {result['knobs']}: train {sz['train']} / "
         f"dev {sz['dev']} / test {sz['test']} images, 5 captions each; test = {sz['test']} images x "
-        f"{5 * sz['test']} captions, protocol 'any' (all at once), no re-ranking; the best dev-rsum checkpoint is tested",
+        f"{5 * sz['test']} captions, protocol 'any' (all at once), no re-ranking, scored in "
+        f"{result.get('precision', 'fp32')}; the best dev-rsum checkpoint is tested",
         f"- model and training: {result['common']}",
         f"- training seeds: {', '.join(map(str, result['seeds']))} (model init, data order, samples); "
         "each cell is mean ± sample std (n - 1) over them",
@@ -191,7 +192,7 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
 
     from tqdm.auto import tqdm
 
-    from ..train.checkpoint import atomic_write_text
+    from ..atomic import atomic_write_json
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     todo = [c for c in cells if _finished(c["run_dir"], c["argv"]) is None]
@@ -210,7 +211,7 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
             raise RuntimeError(f"{c['row']}, seed {c['seed']} failed (exit {code}, see "
                                f"{c['run_dir'] / 'ablation_log.txt'}): {c['command']}")
         seconds = round(time.time() - t, 1)
-        atomic_write_text(c["run_dir"] / "ablation_run.json", json.dumps({"argv": c["argv"], "seconds": seconds}))
+        atomic_write_json(c["run_dir"] / "ablation_run.json", {"argv": c["argv"], "seconds": seconds})
         bar.write(f"{c['row']}, seed {c['seed']}: {seconds:.0f} s")
         bar.update(1)
 
@@ -225,12 +226,13 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
 def run(args) -> int:
     import torch
 
+    from ..atomic import atomic_write_json, atomic_write_text
     from ..data import encode_split, write_synthetic
+    from ..machine import resolve_device
+    from ..scoring import check_precision
     from ..text_encoder import load_text_encoder
     from ..train.batches import TrainData
-    from ..train.checkpoint import atomic_write_text
     from ..train.config import TrainConfig
-    from ..train.trainer import resolve_device
     from .demo import CPU_KNOBS, GPU_KNOBS, _synth_up_to_date
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0, 1, 2]
@@ -247,6 +249,7 @@ def run(args) -> int:
         raise ValueError("--variant acf-code has no cross-modal fusion, so the w/o CMF row is undefined: "
                          "use --variant paper or leave w-o-cmf out of --rows")
     device = resolve_device(args.device)
+    check_precision(args.precision, device)
     gpu = device.type == "cuda"
     torch.set_num_threads(args.threads)  # the encoding here, as in each cell (see run_cells)
     preset = dict(GPU_SIZES if gpu else CPU_SIZES)
@@ -291,7 +294,7 @@ def run(args) -> int:
     common = ["--epochs", str(preset["epochs"]), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--schedule", args.schedule, "--variant", args.variant, "--embed-dim", str(args.embed_dim),
               "--heads", str(args.heads), "--dev-images", str(preset["dev"]), "--device", args.device,
-              "--backend", args.backend] + enc_arg
+              "--backend", args.backend, "--precision", args.precision] + enc_arg
     for name in ("u1", "u2"):
         if getattr(args, name) is not None:
             common += [f"--{name}", str(getattr(args, name))]
@@ -312,7 +315,7 @@ def run(args) -> int:
              "seconds": _finished(c["run_dir"], c["argv"])} for c in cells]
     summary = summarise(runs)
     result = {"date": date, "machine": machine_record(device), "data_seed": args.seed, "seeds": seeds,
-              "sizes": sizes, "epochs": preset["epochs"], "knobs": knobs,
+              "sizes": sizes, "epochs": preset["epochs"], "knobs": knobs, "precision": args.precision,
               "common": f"{args.variant} D={args.embed_dim} H={args.heads}, {preset['epochs']} epochs, batch "
                         f"{args.batch_size}, lr {args.lr} ({args.schedule} schedule), frozen "
                         f"{'MiniLM' if args.encoder is None else args.encoder}, backend {args.backend}; "
@@ -323,7 +326,7 @@ def run(args) -> int:
               "load": {"start": list(load_start), "end": list(os.getloadavg()), "cpus": os.cpu_count()}}
     out = Path(args.results)
     stem = f"ablation-{_slug(result['machine']['node'])}-{time.strftime('%Y%m%d')}"
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write_json(out / f"{stem}.json", result, indent=1)
     md = markdown(result)
     atomic_write_text(out / f"{stem}.md", md)
     print("\n" + md)

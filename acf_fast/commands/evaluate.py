@@ -16,6 +16,7 @@ import torch
 
 from ..evaluate import PROTOCOLS, evaluate_protocol, format_table
 from ..rerank import NEIGHBOR_MODES
+from . import add_precision_arg
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
+    add_precision_arg(p, "with --data, scoring precision")
     p.add_argument("--rerank", action="store_true", help="also re-rank both directions (ACF-R+, spec §5)")
     p.add_argument("--k-i2t", type=_positive_int, default=15, help="k̂ for image-to-text re-ranking (default 15)")
     p.add_argument("--k-t2i", type=_positive_int, default=20, help="k̂ for text-to-image re-ranking (default 20)")
@@ -114,7 +116,7 @@ def run(args) -> int:
         for flag in ("checkpoint", "work", "save_sims"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
-        from ..scoring import resolve_device
+        from ..machine import resolve_device
 
         S = load_sims(args.sims)
         txt2img = None if args.txt2img is None else load_txt2img(args.txt2img, S.shape[1])
@@ -129,21 +131,23 @@ def run(args) -> int:
             raise ValueError("--data needs --checkpoint (the model that scores the split)")
         if args.txt2img is not None:
             raise ValueError("--txt2img goes with --sims; with --data the split's captions define it")
-        from ..scoring import save_npy_atomic, score_split
+        from ..atomic import atomic_save_npy
+        from ..scoring import score_split
 
         scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
-                             device=args.device, chunk_images=args.chunk_images, progress=not args.quiet)
+                             device=args.device, precision=args.precision, chunk_images=args.chunk_images,
+                             progress=not args.quiet)
         if args.save_sims is not None:
-            save_npy_atomic(args.save_sims, scored.S.numpy())
+            atomic_save_npy(args.save_sims, scored.S.numpy())
         result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors, **opts)
         record["source"] = {"data": str(args.data), "split": args.split, "checkpoint": str(args.checkpoint),
-                            "backend": args.backend}
+                            "backend": args.backend, "precision": args.precision}
         record["scoring"] = scored.info
     record.update(result)
     print(format_table(result))
     if args.out is not None:
-        from ..scoring import write_json_atomic
+        from ..atomic import atomic_write_json
 
-        write_json_atomic(args.out, record)
+        atomic_write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0

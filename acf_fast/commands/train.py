@@ -6,6 +6,7 @@ import argparse
 
 from ..train.negatives import CLI_NEGATIVE_KINDS
 from ..train.positives import POSITIVE_KINDS
+from . import add_precision_arg
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", choices=("auto", "eager", "torch", "triton"), default="auto",
                    help="acf_similarity backend (auto: triton on CUDA, torch on CPU)")
+    add_precision_arg(p, "precision of the test-split scoring (dev validation always uses the default)")
 
 
 def add_score_weight_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +76,11 @@ def run(args) -> int:
         raise ValueError("--out RUN is required")
     if args.data is None and not args.resume:
         raise ValueError("--data DIR is required (the SCAN-layout folder with train and dev splits)")
+    if args.eval_test:
+        from ..machine import resolve_device
+        from ..scoring import check_precision
+
+        check_precision(args.precision, resolve_device(args.device))  # before training, not after
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "",
                                                   "epochs": args.epochs or (None if args.resume else 20)}))
     run_dir = train(cfg, resume=args.resume)
@@ -82,14 +89,16 @@ def run(args) -> int:
         import json
         from pathlib import Path
 
-        from ..train.checkpoint import atomic_write_text
-        from ..train.scoring import evaluate_checkpoint
-        from ..train.trainer import resolve_device
+        from ..atomic import atomic_write_json
+        from ..evaluate import recall_metrics
+        from ..scoring import score_split
 
         stored = json.loads((Path(run_dir) / "config.json").read_text())
-        m = evaluate_checkpoint(Path(run_dir) / "best.safetensors", stored["data"], args.eval_test,
-                                backend=args.backend, device=resolve_device(args.device), progress=not args.quiet)
-        atomic_write_text(Path(run_dir) / f"{args.eval_test}_metrics.json", json.dumps(m, indent=1))
+        scored = score_split(Path(run_dir) / "best.safetensors", stored["data"], args.eval_test, backend=args.backend,
+                             device=args.device, precision=args.precision, progress=not args.quiet)
+        m = recall_metrics(scored.S, scored.txt2img)
+        m.update(images=int(scored.S.shape[0]), captions=int(scored.S.shape[1]), scoring=scored.info)
+        atomic_write_json(Path(run_dir) / f"{args.eval_test}_metrics.json", m, indent=1)
         print(f"{args.eval_test} ({m['images']} images x {m['captions']} captions): "
               f"I2T R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
               f"T2I R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f} | rsum {m['rsum']:.1f}")

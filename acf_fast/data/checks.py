@@ -12,8 +12,6 @@ from typing import Tuple
 
 import numpy as np
 
-from ..atomic import atomic_path  # noqa: F401  (re-exported: the data layer's writers use it)
-
 # Rows per finiteness chunk: 256 COCO images (36 x 2048 float32) = 75 MB.
 CHUNK_BYTES = 64 * 2**20
 
@@ -108,10 +106,3 @@ def read_lines(path: Path, what: str) -> list:
     if lines and lines[-1] == "":
         lines.pop()
     return [ln.rstrip("\r") for ln in lines]
-
-
-def write_text_atomic(path: Path, lines) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")

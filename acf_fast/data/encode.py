@@ -24,7 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .checks import atomic_path, read_lines
+from ..atomic import atomic_path
+from .checks import read_lines
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,17 @@ One folder, per split:
 
     {split}_ims.npy        (N or 5N rows, K, Dv) float   region features (required)
     {split}_caps.txt       one caption per line, M = 5N    (required)
+    {split}_txt2img.npy    (M,) int64 image row of each caption (optional)
     {split}_ids.txt        one id per image row or per caption (optional)
     {split}_glob.npy       (N or 5N rows, Dg) float        global features (optional)
     {split}_ims_mask.npy   (N or 5N rows, K) bool          valid regions (optional)
 
-When the region file has one row per caption (rows = M, as some SCAN releases
-do), image i is row 5i: the loader takes a strided view ``arr[::5]`` of the memory
-map, so nothing is copied.
+Without ``{split}_txt2img.npy`` every image has 5 captions (COCO, Flickr30K):
+caption t belongs to image t // 5, and when the region file has one row per caption
+(rows = M, as some SCAN releases do), image i is row 5i: the loader takes a strided
+view ``arr[::5]`` of the memory map, so nothing is copied. With it (``acf-fast data
+images`` writes one), an image may have any number >= 1 of captions, in any order,
+and every per-image file has exactly one row per image.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class Split:
         globals: (N, Dg) float32 array, or None: then the model uses the mean of the valid
             raw regions as the global feature (spec §1 [choice]); ``global_source`` says which.
         captions: M captions.
-        txt2img: (M,) int64, the image of each caption (t // 5).
+        txt2img: (M,) int64, the image of each caption: ``{split}_txt2img.npy`` or t // 5.
         name: the split name, folder: the folder.
         ids: image ids (N) if ``{split}_ids.txt`` exists, else None.
         global_source: "file" or "region-mean".
@@ -75,6 +79,24 @@ def _per_image(arr: np.ndarray, rows: int, n_images: int, path: Path, what: str)
     )
 
 
+def read_txt2img(path: Path, M: int, n_images: int) -> np.ndarray:
+    """The caption -> image map of a split: (M,) int64 in [0, n_images), every image
+    with at least one caption. Raises ValueError naming ``path``."""
+    arr = open_npy(path, ndim=1, kind="iu", what="caption -> image map (M,)")
+    if arr.shape[0] != M:
+        raise ValueError(f"{path}: has {arr.shape[0]} entries but the split has {M} captions; expected one image row per caption")
+    t2i = np.array(arr, dtype=np.int64)  # a small writable copy, not the memory map
+    lo, hi = int(t2i.min()), int(t2i.max())
+    if lo < 0 or hi >= n_images:
+        raise ValueError(f"{path}: holds image rows in [{lo}, {hi}] but the split has {n_images} images (0..{n_images - 1})")
+    counts = np.bincount(t2i, minlength=n_images)
+    if (counts == 0).any():
+        first = int(np.argmax(counts == 0))
+        raise ValueError(f"{path}: image {first} has no caption ({int((counts == 0).sum())} images without any); "
+                         "every image needs at least one")
+    return t2i
+
+
 def load_split(folder, split: str, *, check_finite: bool = True, progress: bool = False) -> Split:
     """Load one split of a SCAN-layout folder, memory-mapping the arrays.
 
@@ -108,7 +130,12 @@ def load_split(folder, split: str, *, check_finite: bool = True, progress: bool 
     empty = [i for i, c in enumerate(captions) if not c.strip()]
     if empty:
         raise ValueError(f"{caps_path}: line {empty[0] + 1} is an empty caption")
-    if rows == M:
+    t2i_path = folder / f"{split}_txt2img.npy"
+    txt2img = None
+    if t2i_path.is_file():
+        txt2img = read_txt2img(t2i_path, M, rows)
+        n_images = rows
+    elif rows == M:
         if M % CAPTIONS_PER_IMAGE:
             raise ValueError(
                 f"{ims_path}: has one row per caption ({rows}) but {M} captions is not a "
@@ -121,7 +148,7 @@ def load_split(folder, split: str, *, check_finite: bool = True, progress: bool 
         raise ValueError(
             f"{caps_path}: {M} captions do not match {rows} image rows in {ims_path.name}; "
             f"expected {CAPTIONS_PER_IMAGE} captions per image ({CAPTIONS_PER_IMAGE * rows}) "
-            "or one image row per caption"
+            f"or one image row per caption, or a {t2i_path.name} saying which image each caption belongs to"
         )
     regions = _per_image(arr, rows, n_images, ims_path, "region features")
     if check_finite:
@@ -159,17 +186,21 @@ def load_split(folder, split: str, *, check_finite: bool = True, progress: bool 
     ids_path = folder / f"{split}_ids.txt"
     if ids_path.is_file():
         ids = read_lines(ids_path, "ids")
-        if len(ids) == M and M != n_images:
+        if len(ids) == n_images:
+            pass
+        elif t2i_path.is_file():
+            raise ValueError(f"{ids_path}: {len(ids)} ids but the split has {n_images} images; with "
+                             f"{t2i_path.name} the ids are one per image")
+        elif len(ids) in (M, rows):
             ids = ids[::CAPTIONS_PER_IMAGE]
-        elif len(ids) == rows and rows != n_images:
-            ids = ids[::CAPTIONS_PER_IMAGE]
-        elif len(ids) != n_images:
+        else:
             raise ValueError(
                 f"{ids_path}: {len(ids)} ids but the split has {n_images} images and {M} captions; "
                 "expected one id per image or per caption"
             )
 
-    txt2img = np.arange(M, dtype=np.int64) // CAPTIONS_PER_IMAGE
+    if txt2img is None:
+        txt2img = np.arange(M, dtype=np.int64) // CAPTIONS_PER_IMAGE
     return Split(
         regions=regions,
         region_mask=region_mask,

@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .checks import atomic_path, write_text_atomic
+from ..atomic import atomic_path, atomic_save_npy, atomic_write_lines
 
 FORMAT_VERSION = 1
 
@@ -390,16 +390,14 @@ def write_synthetic(
             bar.close()
             ims.flush()
             del ims
-        with atomic_path(folder / f"{split}_glob.npy", suffix=".npy") as tmp:
-            np.save(tmp, glob)
+        atomic_save_npy(folder / f"{split}_glob.npy", glob)
         mask_path = folder / f"{split}_ims_mask.npy"
         if not mask.all():
-            with atomic_path(mask_path, suffix=".npy") as tmp:
-                np.save(tmp, mask)
+            atomic_save_npy(mask_path, mask)
         elif mask_path.exists():
             mask_path.unlink()  # a stale mask from an earlier run would lie
-        write_text_atomic(folder / f"{split}_caps.txt", captions)
-        write_text_atomic(folder / f"{split}_ids.txt", [f"synth-{split}-{i:06d}" for i in range(N)])
+        atomic_write_lines(folder / f"{split}_caps.txt", captions)
+        atomic_write_lines(folder / f"{split}_ids.txt", [f"synth-{split}-{i:06d}" for i in range(N)])
         with atomic_path(folder / f"{split}_objects.json") as tmp:
             tmp.write_text(json.dumps(described, separators=(",", ":")), encoding="utf-8")
     meta = {

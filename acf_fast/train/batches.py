@@ -27,10 +27,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from acf_fast.atomic import atomic_write_lines
+from acf_fast.scoring import image_tensors
+
 from .config import TrainConfig
 from .negatives import uses_shuffle
 from .positives import LongPairs, long_positive, short_positive
-from .scoring import image_tensors
 
 SHUFFLE_SEED = 0
 
@@ -82,12 +84,11 @@ def ensure_encoded(folder: Path, split: str, texts: Sequence[str], encoder_gette
     and their shuffles when ``shuffled``, unless the caches already hold them encoded by
     ``encoder_name`` (then the encoder is not even loaded)."""
     from acf_fast.data import encode_split
-    from acf_fast.data.checks import write_text_atomic
     from acf_fast.data.encode import cache_is_fresh
 
     caps = folder / f"{split}_caps.txt"
     if generated and (not caps.is_file() or caps.read_text(encoding="utf-8") != "".join(t + "\n" for t in texts)):
-        write_text_atomic(caps, texts)
+        atomic_write_lines(caps, texts)
     for seed in ((None,) if generated else ()) + ((SHUFFLE_SEED,) if shuffled else ()):
         if not cache_is_fresh(folder, split, texts, encoder_name, max_length, shuffle_seed=seed):
             encode_split(folder, split, encoder_getter(), max_length=max_length, dtype=torch.float16,
@@ -198,7 +199,8 @@ class TrainData:
         caps = self.captions_idx[np.asarray(positions)]
         imgs = self.txt2img[caps]
         regions, rmask, glob = image_tensors(self.split, imgs, device)
-        out = {"regions": regions, "region_mask": rmask, "globals": glob}
+        # image_ids: two captions of one image in a batch are not each other's negatives.
+        out = {"regions": regions, "region_mask": rmask, "globals": glob, "image_ids": torch.from_numpy(imgs)}
         if self.encoder is None:
             out.update(self.texts.rows(torch.from_numpy(caps)))
             if self.use_positives:

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, atomic_write_text  # noqa: F401  (used by the commands too)
+from ..atomic import atomic_write
 
 STATE_NAME = "last_state.pt"
 

@@ -96,7 +96,8 @@ class Objective(nn.Module):
         return (P, mask), (self.model.project_texts(self.encoder.from_embeds(neg_emb, mask)), mask, changed)
 
     def forward(self, batch: Dict[str, torch.Tensor], gen: torch.Generator):
-        """batch: regions (B, K, Dv), region_mask (B, K)|None, globals (B, Dg)|None, and
+        """batch: regions (B, K, Dv), region_mask (B, K)|None, globals (B, Dg)|None, image_ids
+        (B,) long|None (the image of each pair), and
         either words/mask (+ pos_words/pos_mask) cached features or input_ids/mask
         (+ pos_input_ids/pos_mask) token ids, plus the shuffled texts shuffle negatives
         need (see ``_texts``). Returns (loss scalar float32, blocks dict)."""
@@ -122,10 +123,11 @@ class Objective(nn.Module):
         S = torch.cat(cols, dim=1)
         B = V.shape[0]
         blocks = {n: S[:, i * B:(i + 1) * B] for i, n in enumerate(names)}
+        ids = batch.get("image_ids")  # two captions of one image are not each other's negatives
         if self.loss_name == "triplet":
-            loss = triplet_loss(blocks["Sa"], self.margin)
+            loss = triplet_loss(blocks["Sa"], self.margin, image_ids=ids)
         else:
             loss = acf_contrastive_loss(blocks["Sa"], blocks.get("Sn"), blocks.get("Sp"), blocks.get("Spn"),
-                                        tau=self.tau, lam=self.lam, Sn_valid=valid.get("Sn"),
+                                        tau=self.tau, lam=self.lam, image_ids=ids, Sn_valid=valid.get("Sn"),
                                         Spn_valid=valid.get("Spn"))
         return loss, blocks

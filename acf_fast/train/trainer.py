@@ -24,29 +24,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
+
+from acf_fast.atomic import atomic_write_lines, atomic_write_text
+from acf_fast.machine import resolve_device
+from acf_fast.scoring import image_tensors, score_items
 
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .objective import Objective
 from .batches import TrainData
-from .scoring import image_tensors, score_split
 
 # Settings a resumed run takes from the given config (None = keep the stored
 # value); everything else comes from the run's stored config.json.
 RESUME_OVERRIDES = ("epochs", "stop_after_epochs", "progress", "device", "backend")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} asked but no CUDA device is available")
-    return dev
 
 
 def build_model(cfg: TrainConfig, region_dim: int, global_dim: int, text_dim: int):
@@ -109,8 +102,9 @@ class DevData:
             encoder.model.train()
         else:
             words, mask = self.words, self.mask
-        S = score_split(model, self.regions, self.region_mask, self.globals, words, mask, backend=cfg.backend,
-                        autocast=True)
+        # The evaluation pipeline's default precision: the best checkpoint is chosen
+        # by the same numerics that later score it on the test split.
+        S, _ = score_items(model, self.regions, self.region_mask, self.globals, words, mask, backend=cfg.backend)
         return recall_metrics(S, torch.from_numpy(self.txt2img))
 
 
@@ -170,7 +164,7 @@ class Trainer:
             if rec.get("event") == "epoch" and rec["epoch"] >= epoch:
                 continue
             keep.append(line)
-        checkpoint.atomic_write_text(path, "".join(x + "\n" for x in keep))
+        atomic_write_lines(path, keep)
 
     def _save(self, model, name: str) -> None:
         model.save(self.run_dir / f"{name}.safetensors")
@@ -189,7 +183,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
-                checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+                atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
                 (self.run_dir / "log.jsonl").unlink(missing_ok=True)
         distributed.barrier(self.dist)
         # Rank 0 first: it writes the positives' encode cache that the others then read.

@@ -1,0 +1,324 @@
+"""Offline kernel report: every shipped Triton configuration built for sm_90 on this CPU (issue 10).
+
+    python bench/kernel_report.py --json r.json [--kernels v2,v1] [--variants ...] [--dtypes ...]
+
+No GPU needed: each configuration of the similarity kernels is compiled for Hopper with
+``bench/offline_compile.py`` (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) at the
+COCO shape (K = 36 regions, text buckets of 16 and 32 tokens, D = 1024, H = 8), for both
+variants and both storage paths (bf16; fp32, whose dots are tf32x3 in v2 and IEEE on CUDA
+cores in v1), and one record per configuration says what the GPU would run:
+
+- ``registers``, ``spill_bytes`` (STL bytes in SASS: spills never show in PTX),
+  ``stack_bytes``, ``shared_bytes``;
+- ``wgmma``: every main dot is a warp-group MMA (the κ/λ dots of the pairwise global
+  score, 32 rows, and v1's per-pair dots are not main dots of a tile);
+- ``warp_instructions_per_pair``: SASS instructions one warp issues per program
+  (loop bodies × trip counts) × warps per program / pairs per program;
+- ``useful_macs_per_pair``: spec §8 count at COCO's mean valid sizes (K = 36, L = 14);
+  ``padded_macs_per_pair``: the same count at the sizes the kernel pads to (v2: BR/GI
+  rows per image, the bucket's LB tokens; v1: powers of two); their ratio is the
+  padding efficiency;
+- ``tensor_core_macs_per_pair``: what the tensor cores actually multiply per pair
+  (HGMMA/HMMA in SASS × trip counts), Γ products and masked blocks included.
+
+Trip counts come from the kernel's structure (heads, tiles, Γ chunks); each mapping is
+checked against the tensor-core multiply-adds the design says a program does, so a
+wrong mapping fails loudly instead of printing a wrong figure. The records of the old
+(v1, one program per pair) and new (v2, tiles) kernels sit side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.flops import pair_macs  # noqa: E402
+from bench.offline_compile import compile_offline_many, dynamic_mma_macs, report_record  # noqa: E402
+
+H, D, K = 8, 1024, 36
+DH = D // H
+L_MEAN = 14  # mean valid wordpieces of COCO-like captions (bench/gpu_check.py's draw: 14.0)
+
+
+def bucket_mean_lengths(M: int = 25000, seed: int = 0) -> dict:
+    """Mean valid length of the captions falling in each bucket, for gpu_check's COCO-like draw."""
+    import torch
+
+    from bench.gpu_check import coco_lengths
+
+    lengths = coco_lengths(M, torch.Generator().manual_seed(seed)).float()
+    out, lo = {}, 0
+    for b in BUCKETS:
+        sel = lengths[(lengths > lo) & (lengths <= b)]
+        out[b] = float(sel.mean()) if sel.numel() else float(b)
+        lo = b
+    return out
+E_EMBED = 1024  # width of the acf-code global embeddings
+BUCKETS = (16, 32)
+TARGETS = {  # issue 10: warp-instructions per pair (bf16), padding efficiency
+    ("v2", "acf-code", "bf16"): 10_000,
+    ("v2", "paper", "bf16"): 60_000,
+}
+MIN_PADDING_EFFICIENCY = 0.7
+
+
+def _tiles():
+    from acf_fast.kernels import tiles
+
+    return tiles
+
+
+def _v1():
+    from acf_fast.kernels import pair_v1
+
+    return pair_v1
+
+
+# --------------------------------------------------------------------------- v2: tiles
+
+
+def v2_requests(variants, dtypes, buckets=BUCKETS):
+    """One build request per shipped v2 configuration (as the launcher would specialise it)."""
+    tiles = _tiles()
+    out = []
+    for variant in variants:
+        full = variant == "paper"
+        for dname in dtypes:
+            st = "*bf16" if dname == "bf16" else "*fp32"
+            prec = "tf32" if dname == "bf16" else "tf32x3"
+            for LB in buckets:
+                ce = tiles.tile_constexprs(H, DH, K, LB, full=full, shared_qk=not full, o_is_q=not full,
+                                           pairwise=full, embed=not full, E=E_EMBED, HKP=tiles.hkp_of(H, K),
+                                           dot_prec=prec)
+                sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
+                           stride_vh="i64:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
+                           wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
+                           wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st, gi_ptr="*fp32", gt_ptr="*fp32",
+                           N="i32", Mb="i32", n_tt="i32", E="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32")
+                for cfg in tiles._configs(False):
+                    meta = {**ce, **cfg.kwargs}
+                    if cfg not in tiles._prune([cfg], {}, **meta):
+                        continue
+                    out.append(dict(request=dict(fn=tiles._tile_kernel, signature=sig, constexprs=meta,
+                                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                                    kernel="v2", variant=variant, dtype=dname, LB=LB, meta=meta))
+    return out
+
+
+def v2_expected_macs(m: dict) -> int:
+    """Tensor-core multiply-adds of one v2 program (one tile), from the kernel's structure
+    (tf32x3 runs every product three times)."""
+    BR, BC, DHp, Hh = m["BR"], m["BC"], m["DH"], m["H"]
+    per_head = 2 * BR * BC * DHp  # the two logits products
+    if not m["O_IS_Q"]:
+        per_head += 2 * BR * BC * DHp
+    if not m["FULL"]:
+        per_head += BC * BC * DHp + BR * BC * BC + BR * BR * DHp + BC * BR * BR  # Γw, A·Γw, Γv, B·Γv
+    if m["PAIRWISE"]:
+        per_head += m["PP"] * BC * DHp + m["PP"] * BR * DHp  # κ, λ
+    total = Hh * per_head
+    if m["FULL"]:
+        HL = Hh * m["LB"]
+        total += m["GT"] * BR * HL * HL + m["GI"] * BC * m["HKP"] * m["HKP"]
+    return total * (3 if m["DOT_PREC"] == "tf32x3" else 1)
+
+
+def v2_trips(build, m: dict):
+    """Trip count of each SASS loop of a v2 build: the tile loop runs once per tile (we
+    count per tile), the head loop H times, the full-Γ quadratic forms NC × NC."""
+    instrs = build.instructions()
+    by_addr = {ins.address: ins for ins in instrs}
+
+    def hgmma_in(lp):
+        return sum(1 for ins in instrs if lp.start <= ins.address <= lp.end and ins.opcode.startswith(("HGMMA", "HMMA")))
+
+    loops = list(build.loops)
+    heads = max((lp for lp in loops if lp.depth == 1), key=hgmma_in)
+    HL = m["H"] * m["LB"]
+    ncw, ncv = HL // m["QCW"], m["HKP"] // m["QCV"]
+    quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image)
+    if m["FULL"]:
+        quad = [ncw] * (2 * m["GT"] if ncw > 1 else 0) + [ncv] * (2 * m["GI"] if ncv > 1 else 0)
+    trips, q = [], iter(quad)
+    for lp in loops:
+        if lp.depth == 0:
+            trips.append(1)
+        elif lp is heads:
+            trips.append(m["H"])
+        elif hgmma_in(lp):
+            trips.append(next(q))
+        else:
+            trips.append(-(-E_EMBED // m["BLOCK_E"]))  # the embedding global score's E loop
+    del by_addr
+    return trips
+
+
+def v2_records(variants, dtypes, log, buckets=BUCKETS):
+    reqs = v2_requests(variants, dtypes, buckets)
+    t0 = time.perf_counter()
+    builds = compile_offline_many([r["request"] for r in reqs])
+    log(f"v2: {len(builds)} builds in {time.perf_counter() - t0:.0f} s")
+    recs = []
+    for r, b in zip(reqs, builds):
+        m = r["meta"]
+        pairs = m["GI"] * m["GT"]
+        rows_per_image = m["BR"] / m["GI"]
+        rec = _record(b, v2_trips(b, m), v2_expected_macs(m), pairs, r,
+                      padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
+        rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
+        recs.append(rec)
+    return recs
+
+
+# --------------------------------------------------------------------------- v1: one pair per program
+
+
+def v1_requests(variants, dtypes):
+    v1 = _v1()
+    import torch
+
+    out = []
+    for variant in variants:
+        full = variant == "paper"
+        for dname in dtypes:
+            st_t = torch.bfloat16 if dname == "bf16" else torch.float32
+            st = "*bf16" if dname == "bf16" else "*fp32"
+            L = 32
+            KP, LP = v1._pow2(K), v1._pow2(L)
+            fac_bytes = 2 if dname == "bf16" else 4
+
+            class _S:  # the attributes _r_chunk reads
+                block_diagonal = not full
+                fac = torch.empty(0, dtype=st_t)
+
+            RV, RW = (K, L) if not full else (H * K, H * L)
+            RVP, RWP = v1._pow2(RV), v1._pow2(RW)
+            RVC, RWC = v1._r_chunk(LP, KP, RVP, _S), v1._r_chunk(KP, LP, RWP, _S)
+            del fac_bytes
+            meta = dict(H=H, HP=H, DH=DH, D=D, KP=KP, LP=LP, KB=v1._query_block(KP, RWC), LB=v1._query_block(LP, RVC),
+                        RV=RV, RVP=RVP, RVC=RVC, RW=RW, RWP=RWP, RWC=RWC, E=E_EMBED if not full else 1,
+                        BLOCK_DIAG=not full, O_IS_Q=not full, PAIRWISE=full, EMBED=not full,
+                        BLOCK_D=max(16, min(64, D, v1._REG_TILE // (H * max(KP, LP)))),
+                        BLOCK_E=min(256, E_EMBED) if not full else 1, DOT_PREC="tf32" if dname == "bf16" else "ieee",
+                        GROUP_N=32)
+            sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64",
+                       vq_ptr=st, vk_ptr=st, vo_ptr=st, vmask_ptr="*i8", vnorm_ptr="*fp32", vfac_ptr=st, vpg_ptr=st,
+                       vgx_ptr="*fp32", wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32",
+                       wfac_ptr=st, wpg_ptr=st, gi_ptr="*fp32", gt_ptr="*fp32",
+                       N="i32", M="i32", K="i32", L="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32")
+            out.append(dict(request=dict(fn=v1._acf_pair_kernel, signature=sig, constexprs=meta, num_warps=8,
+                                         num_stages=1),
+                            kernel="v1", variant=variant, dtype=dname, LB=L, meta=meta))
+    return out
+
+
+def v1_records(variants, dtypes, log):
+    reqs = v1_requests(variants, dtypes)
+    t0 = time.perf_counter()
+    builds = compile_offline_many([r["request"] for r in reqs])
+    log(f"v1: {len(builds)} builds in {time.perf_counter() - t0:.0f} s")
+    recs = []
+    for r, b in zip(reqs, builds):
+        m = r["meta"]
+        rec = _record(b, None, None, 1, r, padded_K=m["KP"], padded_L=m["LP"], L_useful=L_MEAN)
+        rec["tile"] = "1 image x 1 text (one program per pair)"
+        recs.append(rec)
+    return recs
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: float, padded_L: float,
+            L_useful: float) -> dict:
+    variant = req["variant"]
+    extra = dict(variant=variant, dtype=req["dtype"], bucket=req["LB"], version=req["kernel"], pairs_per_program=pairs)
+    if trips is None:
+        rec = {"kernel": build.name, "num_warps": build.num_warps, "num_stages": build.num_stages,
+               "registers": build.registers, "stack_bytes": build.stack_bytes, "spill_stores": build.spill_stores,
+               "spill_store_bytes": build.spill_store_bytes, "shared_bytes": build.shared_bytes,
+               "dots_total": build.dots_total, "dots_wgmma": build.dots_wgmma, "hgmma": build.hgmma,
+               "hmma": build.hmma, "ffma": build.ffma, "sass_instructions": build.sass_instructions,
+               "loops": [lp._asdict() for lp in build.loops], "compile_seconds": build.compile_seconds,
+               "triton": build.triton_version, **extra}
+        rec["warp_instructions_per_pair"] = None
+        rec["tensor_core_macs_per_pair"] = None
+        rec["note"] = ("per-pair counts not derived for v1: its loop trip counts depend on query-row blocks and "
+                       "Γ-factor chunks; issue 10 quotes 50 K (acf-code bf16) and 278 K (paper bf16) from a manual count")
+    else:
+        rec = report_record(build, trips, **extra)
+        macs = dynamic_mma_macs(build, trips)
+        if expected_macs is not None and macs != expected_macs:
+            raise RuntimeError(f"{build.name} {variant} {req['dtype']} LB={req['LB']}: the trip-count mapping gives "
+                               f"{macs} tensor-core MACs per program, the design {expected_macs}: "
+                               f"loops {[(lp.depth, lp.body_instructions) for lp in build.loops]}")
+        rec["warp_instructions_per_pair"] = rec["warp_instructions"] * build.num_warps / pairs
+        rec["tensor_core_macs_per_pair"] = macs / pairs
+    rec["spill_bytes"] = build.spill_store_bytes
+    main_dots = build.dots_total - (2 if req["kernel"] == "v2" and req["meta"].get("PAIRWISE") else 0)
+    rec["main_dots"] = main_dots
+    rec["wgmma"] = build.dots_wgmma >= main_dots > 0
+    rec["useful_macs_per_pair"] = pair_macs(K, L_useful, D, H, variant)
+    rec["padded_macs_per_pair"] = pair_macs(padded_K, padded_L, D, H, variant)
+    rec["padding_efficiency"] = rec["useful_macs_per_pair"] / rec["padded_macs_per_pair"]
+    rec["L_useful"] = L_useful
+    return rec
+
+
+def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("bf16", "fp32"), log=print) -> dict:
+    import triton
+
+    recs = []
+    if "v2" in kernels:
+        recs += v2_records(variants, dtypes, log)
+    if "v1" in kernels:
+        recs += v1_records(variants, dtypes, log)
+    return {"script": "bench/kernel_report.py", "target": "sm_90 (GPUTarget('cuda', 90, 32)), offline",
+            "triton": triton.__version__, "shape": dict(K=K, D=D, H=H, buckets=BUCKETS, L_mean=L_MEAN),
+            "targets": {f"{k[0]} {k[1]} {k[2]}": v for k, v in TARGETS.items()},
+            "min_padding_efficiency": MIN_PADDING_EFFICIENCY, "records": recs}
+
+
+def markdown(report: dict) -> str:
+    rows = ["| kernel | variant | dtype | bucket | warps / stages | registers | spill B | shared KiB | wgmma | "
+            "warp-instr / pair | useful / padded MACs | tensor-core MACs / pair |",
+            "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in report["records"]:
+        wi = r["warp_instructions_per_pair"]
+        tc = r["tensor_core_macs_per_pair"]
+        rows.append(f"| {r['version']} | {r['variant']} | {r['dtype']} | {r['bucket']} | {r['num_warps']} / "
+                    f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+                    f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
+                    f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the report (JSON)")
+    p.add_argument("--md", default=None, help="also write the table as markdown here")
+    p.add_argument("--kernels", default="v2,v1")
+    p.add_argument("--variants", default="acf-code,paper")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernel_report: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)", file=sys.stderr)
+        return 2
+    rep = build_report(tuple(a.kernels.split(",")), tuple(a.variants.split(",")), tuple(a.dtypes.split(",")))
+    from acf_fast.atomic import atomic_write_json, atomic_write_text
+
+    atomic_write_json(Path(a.json), rep)
+    md = markdown(rep)
+    if a.md:
+        atomic_write_text(Path(a.md), md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,771 @@
+"""Kernel v2: tiles of (image, text) pairs (spec §3, §8; issue 10).
+
+One program scores a tile of ``GI`` images × ``GT`` texts. Images are packed back to
+back (``GI·K`` region rows, padded to ``BR``), texts come from one length bucket
+(``GT·LB`` token rows, ``BC = GT·LB``). Per head, every product is ONE tile-sized
+``tl.dot`` (BR × BC × d on a GPU: 128 × 128 × 128, wgmma on Hopper), and the
+per-pair structure lives only in *segmented* reductions: a text's tokens are a
+contiguous segment of LB columns (``tl.reshape`` to (.., GT, LB)), an image's regions
+a segment of K rows (``GI`` masked passes; K = 36 is not a power of two).
+
+Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :func:`_tile_kernel`.
+
+    X   = Qv_h Kwᵀ_h                   (BR, BC)  i2t logits, all 24 pairs of the tile at once
+    p   = exp(s·X − segment max)       per (region row, text) segment of LB columns
+    num += Σ_seg p ⊙ (Ov_h Kwᵀ_h) / Σ_seg p
+    Y   = p · Γw_blk                   (BR, BC)  Γw_blk = Kw_h Kwᵀ_h masked to same-text blocks
+    nrm += Σ_seg p ⊙ Y / (Σ_seg p)²    = a Γw aᵀ with a = p / Σ p (spec §8)
+
+and the mirror image for words -> regions (queries = text tokens, segments = images).
+Γ is computed in the kernel from the key tile it already holds (one more dot per
+direction) instead of being read from memory: no per-item Γ exists for this path,
+and the tile's shared memory holds only the operand tiles. The unnormalised p
+goes into the Γ product (cast to the storage dtype like flash attention's P·V) and
+the segment sums divide afterwards, so no normalised A is ever formed.
+
+Softmax maxima are taken per segment (never over a whole tile row): a text whose
+logits are all far below another text's in the same row would otherwise underflow.
+
+Full Γ (the ``paper`` variant): see :func:`_full_tile_kernel`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
+    """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e).
+
+    Returns (p (BR, GT, LB) fp32 unnormalised exp2 weights, 0 at invalid columns;
+    ssum (BR, GT) fp32 segment sums, 1 where a segment has no valid column)."""
+    x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
+    m = tl.max(x3, axis=2)
+    m = tl.where(m == float("-inf"), 0.0, m * c)
+    p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
+    ssum = tl.sum(p, axis=2)
+    return p, tl.where(ssum > 0.0, ssum, 1.0)
+
+
+@triton.jit
+def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
+    """x (BC, BR) fp32 raw logits; seg (BR,) int32 image slot of each column; valid (BR,)
+    bool; c = s·log2(e). Segments are the GI images of the tile (K columns each, not a
+    power of two, hence masked passes).
+
+    Returns (p (BC, BR) unnormalised, 0 at invalid columns; ssum (BC, GIP) segment sums,
+    1 where a segment has no valid column)."""
+    xm = tl.where(valid[None, :], x, float("-inf"))
+    m_el = tl.zeros_like(x)
+    for g in tl.static_range(GI):
+        in_g = (seg == g)[None, :]
+        mg = tl.max(tl.where(in_g, xm, float("-inf")), axis=1)
+        mg = tl.where(mg == float("-inf"), 0.0, mg * c)
+        m_el = tl.where(in_g, mg[:, None], m_el)
+    p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
+    ssum = _seg_sum_cols(p, seg, GI, GIP)
+    return p, tl.where(ssum > 0.0, ssum, 1.0)
+
+
+@triton.jit
+def _seg_sum_cols(x, seg, GI: tl.constexpr, GIP: tl.constexpr):
+    """x (R, BR) -> (R, GIP): sums over the columns of each image slot g < GI (0 beyond)."""
+    slot = tl.arange(0, GIP)
+    out = tl.zeros((x.shape[0], GIP), dtype=tl.float32)
+    for g in tl.static_range(GI):
+        sg = tl.sum(tl.where((seg == g)[None, :], x, 0.0), axis=1)
+        out = tl.where(slot[None, :] == g, sg[:, None], out)
+    return out
+
+
+@triton.jit
+def _tile_coords(tile, n_it, n_tt, GI: tl.constexpr, GT: tl.constexpr, GROUP_I: tl.constexpr):
+    """Tile index -> (first image, first text of the bucket). Tiles come in groups of
+    GROUP_I image tiles swept against every text tile, so a group's images stay in L2
+    while the texts stream past (the matmul "swizzle")."""
+    per_group = GROUP_I * n_tt
+    first = (tile // per_group) * GROUP_I
+    rows = tl.minimum(n_it - first, GROUP_I)
+    it = first + (tile % per_group) % rows
+    tt = (tile % per_group) // rows
+    return it.to(tl.int64) * GI, tt.to(tl.int64) * GT
+
+
+@triton.jit
+def _pair_rows_mask(PP: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr):
+    """Row pr of the (PP, ·) pair block is pair (image slot pr // GT, text slot pr % GT)."""
+    pr = tl.arange(0, PP)
+    return pr // GT, pr % GT, pr < GIP * GT
+
+
+@triton.jit
+def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.constexpr, GI: tl.constexpr,
+                     GT: tl.constexpr, H: tl.constexpr, DH: tl.constexpr):
+    """vals (PP, DH), row pr = pair (image slot pr // GT, text slot pr % GT), into head h's
+    columns of the (pairs, H*DH) buffer at ``ptr`` (row = image * Mb + bucket text)."""
+    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+    prow = (i0 + pg) * Mb + t0 + pj
+    ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
+    d = tl.arange(0, DH)
+    tl.store(ptr + prow[:, None] * (H * DH) + h * DH + d[None, :], vals.to(ptr.dtype.element_ty), mask=ok[:, None])
+
+
+# Sizes are not specialised (no recompile between a slice and the full grid, nor between
+# buckets of different sizes); strides of the head-major layouts stay specialised so that
+# the compiler can prove 16-byte row alignment and vectorise the tile loads.
+@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt", "E"])
+def _tile_kernel(
+    S_ptr, stride_sn, stride_sm,
+    # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
+    # norm (n*K,) fp32; gam (n, HKP, HKP) Γv with rows h*K + k (FULL only)
+    vq_ptr, vk_ptr, vo_ptr, stride_vh, vmask_ptr, vnorm_ptr, vgam_ptr,
+    # texts of ONE length bucket: Q/Kk/O (H, Mb*LB, DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32;
+    # col (Mb,) int32 S column of each bucket text; gam (Mb, HL, HL) Γw with rows h*LB + l (FULL only)
+    wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wcol_ptr, wgam_ptr,
+    # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
+    # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
+    scratch_ptr, kap_ptr, lam_ptr,
+    # EMBED: Gi (n, E), Gt (Mb, E) fp32 (bucket order)
+    gi_ptr, gt_ptr,
+    N, Mb, n_tt, E,
+    s_i2t, s_t2i, u1, u2,
+    H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
+    GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
+    FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
+    PAIRWISE: tl.constexpr, EMBED: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr,
+):
+    """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
+    each program walks tiles pid, pid + programs, ... (one tile each when the grid covers
+    them all; FULL needs the per-program scratch, so its grid is capped)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    n_it = tl.cdiv(N, GI)
+    n_tiles = n_it * n_tt
+    HL: tl.constexpr = H * LB
+    TILE: tl.constexpr = BR * BC
+    slot = scratch_ptr + pid.to(tl.int64) * (H * 2 * TILE)
+
+    r = tl.arange(0, BR)
+    img_r = r // K  # image slot of each region row (K constexpr: a multiply-shift)
+    c = tl.arange(0, BC)
+    txt_c = c // LB
+    d = tl.arange(0, DH)
+    slot_i = tl.arange(0, GIP)
+    tt = tl.arange(0, GT)
+    w_head = Mb * LB * DH
+    c_i2t = s_i2t * 1.4426950408889634
+    c_t2i = s_t2i * 1.4426950408889634
+    same_txt = txt_c[:, None] == txt_c[None, :]
+    same_img = img_r[:, None] == img_r[None, :]
+
+    for tile in range(pid, n_tiles, n_prog):
+        i0, t0 = _tile_coords(tile, n_it, n_tt, GI, GT, GROUP_I)
+        row_in = (r < GI * K) & (i0 + img_r < N)
+        vrow = i0 * K + r
+        v_valid = row_in & (tl.load(vmask_ptr + vrow, mask=row_in, other=0) != 0)
+        col_in = t0 + txt_c < Mb
+        wrow = t0 * LB + c
+        w_valid = col_in & (tl.load(wmask_ptr + wrow, mask=col_in, other=0) != 0)
+        w_valid3 = tl.reshape(w_valid, (1, GT, LB))
+        v_off = vrow[:, None] * DH + d[None, :]
+        w_off = wrow[:, None] * DH + d[None, :]
+        # valid query rows per (image slot) and per (text slot): the means' denominators
+        cnt_i = tl.zeros((GIP,), dtype=tl.float32)
+        for g in tl.static_range(GI):
+            cnt_i = tl.where(slot_i == g, tl.sum((v_valid & (img_r == g)).to(tl.float32), axis=0), cnt_i)
+        cnt_i = tl.maximum(cnt_i, 1.0)
+        cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
+
+        num_i = tl.zeros((BR, GT), dtype=tl.float32)
+        nrm_i = tl.zeros((BR, GT), dtype=tl.float32)
+        num_t = tl.zeros((BC, GIP), dtype=tl.float32)
+        nrm_t = tl.zeros((BC, GIP), dtype=tl.float32)
+        for h in range(H):
+            hv = h * stride_vh
+            hw = h * w_head
+            vq = tl.load(vq_ptr + hv + v_off, mask=row_in[:, None], other=0.0)
+            wk = tl.load(wk_ptr + hw + w_off, mask=col_in[:, None], other=0.0)
+            if SHARED_QK:
+                vk = vq
+                wq = wk
+            else:
+                vk = tl.load(vk_ptr + hv + v_off, mask=row_in[:, None], other=0.0)
+                wq = tl.load(wq_ptr + hw + w_off, mask=col_in[:, None], other=0.0)
+
+            # ---- regions -> words: rows = regions, segments = texts (LB columns each)
+            if not FULL:
+                # Γw first: it goes to shared memory as a later dot's operand, so its
+                # registers are free before the logits tile is live.
+                gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
+                gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
+            x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
+            p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
+            if O_IS_Q:
+                xn = x
+            else:
+                vo = tl.load(vo_ptr + hv + v_off, mask=row_in[:, None], other=0.0)
+                xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
+            num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) / ssum
+            if FULL or PAIRWISE:
+                a = tl.reshape(p / ssum[:, :, None], (BR, BC))  # normalised attention A_h
+            if FULL:
+                tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
+            else:
+                p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)  # the fp32 weights die here
+                y = tl.dot(p2, gw, input_precision=DOT_PREC)
+                nrm_i += tl.sum(tl.reshape(y * p2.to(tl.float32), (BR, GT, LB)), axis=2) / (ssum * ssum)
+            if PAIRWISE:
+                # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
+                pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+                ablk = tl.zeros((PP, BC), dtype=tl.float32)
+                for g in tl.static_range(GI):
+                    colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
+                    cg = tl.sum(tl.where(slot_i == g, cnt_i, 0.0), axis=0)
+                    pick = (pg == g)[:, None] & (txt_c[None, :] == pj[:, None])
+                    ablk = tl.where(pick, (colsum / cg)[None, :], ablk)
+                kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
+                _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+
+            # ---- words -> regions: rows = tokens, segments = images (K columns each)
+            if not FULL:
+                gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
+                gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
+            xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
+            q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
+            if O_IS_Q:
+                xtn = xt
+            else:
+                wo = tl.load(wo_ptr + hw + w_off, mask=col_in[:, None], other=0.0)
+                xtn = tl.dot(wo, tl.trans(vk), input_precision=DOT_PREC)
+            num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) / qsum
+            if FULL or PAIRWISE:
+                qs = tl.zeros_like(q)
+                for g in tl.static_range(GI):
+                    qg = tl.sum(tl.where(slot_i == g, qsum, 0.0), axis=1)
+                    qs = tl.where((img_r == g)[None, :], qg[:, None], qs)
+                b = q / tl.where(qs > 0.0, qs, 1.0)  # normalised attention B_h (BC, BR)
+            if FULL:
+                tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
+            else:
+                q2 = q.to(vk.dtype)
+                z = tl.dot(q2, gv, input_precision=DOT_PREC)
+                nrm_t += _seg_sum_cols(z * q2.to(tl.float32), img_r, GI, GIP) / (qsum * qsum)
+            if PAIRWISE:
+                # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
+                bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
+                bbar = bsum / cnt_t[:, None]
+                pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+                bblk = tl.zeros((PP, BR), dtype=tl.float32)
+                for j in tl.static_range(GT):
+                    rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)  # (BR,)
+                    pick = (pj == j)[:, None] & (img_r[None, :] == pg[:, None])
+                    bblk = tl.where(pick, rowj[None, :], bblk)
+                lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
+                _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+
+        if FULL:
+            # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
+            # this program just wrote to its scratch slot (same CTA: a barrier orders it).
+            tl.debug_barrier()
+            NCW: tl.constexpr = HL // QCW
+            NCV: tl.constexpr = HKP // QCV
+            for j in tl.static_range(GT):
+                gam = wgam_ptr + (t0 + j) * (HL * HL)
+                j_in = (tl.zeros((QCW,), dtype=tl.int64) + t0 + j) < Mb  # (a vector: the interpreter refuses scalar masks)
+                nj = tl.zeros((BR,), dtype=tl.float32)
+                for nc in range(NCW):
+                    y = tl.zeros((BR, QCW), dtype=tl.float32)
+                    for kc in range(NCW):
+                        ck = kc * QCW + tl.arange(0, QCW)  # a-column = h*LB + l
+                        ak = tl.load(slot + (ck // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB + (ck % LB)[None, :])
+                        gk = tl.load(gam + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], mask=((ck < HL) & j_in)[:, None],
+                                     other=0.0)
+                        y += tl.dot(ak, gk, input_precision=DOT_PREC)
+                    cn = nc * QCW + tl.arange(0, QCW)
+                    an = tl.load(slot + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB + (cn % LB)[None, :])
+                    nj += tl.sum(y * an.to(tl.float32), axis=1)
+                nrm_i = tl.where((tt == j)[None, :], nj[:, None], nrm_i)
+            for g in tl.static_range(GI):
+                gam = vgam_ptr + (i0 + g) * (HKP * HKP)
+                g_in = (tl.zeros((QCV,), dtype=tl.int64) + i0 + g) < N
+                ng = tl.zeros((BC,), dtype=tl.float32)
+                for nc in range(NCV):
+                    y = tl.zeros((BC, QCV), dtype=tl.float32)
+                    for kc in range(NCV):
+                        ck = kc * QCV + tl.arange(0, QCV)  # b-column = h*K + k
+                        bk = tl.load(slot + TILE + (ck // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (ck % K)[None, :],
+                                     mask=(ck < H * K)[None, :], other=0.0)
+                        gk = tl.load(gam + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :],
+                                     mask=((ck < HKP) & g_in)[:, None], other=0.0)
+                        y += tl.dot(bk, gk, input_precision=DOT_PREC)
+                    cn = nc * QCV + tl.arange(0, QCV)
+                    bn = tl.load(slot + TILE + (cn // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (cn % K)[None, :],
+                                 mask=(cn < H * K)[None, :], other=0.0)
+                    ng += tl.sum(y * bn.to(tl.float32), axis=1)
+                nrm_t = tl.where((slot_i == g)[None, :], ng[:, None], nrm_t)
+            tl.debug_barrier()  # the next tile overwrites the scratch slot
+
+        # ---- cosines, then the mean over each pair's valid query rows
+        vn = tl.load(vnorm_ptr + vrow, mask=row_in, other=0.0)
+        cos_i = num_i / tl.maximum(vn[:, None] * tl.sqrt(nrm_i), 1e-8)  # (BR, GT)
+        cos_i = tl.where(v_valid[:, None], cos_i, 0.0)
+        i2t = tl.zeros((GIP, GT), dtype=tl.float32)
+        for g in tl.static_range(GI):
+            mean_g = tl.sum(tl.where((img_r == g)[:, None], cos_i, 0.0), axis=0)
+            i2t = tl.where(slot_i[:, None] == g, mean_g[None, :], i2t)
+        i2t = i2t / cnt_i[:, None]
+        wn = tl.load(wnorm_ptr + wrow, mask=col_in, other=0.0)
+        cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), 1e-8)  # (BC, GIP)
+        cos_t = tl.where(w_valid[:, None], cos_t, 0.0)
+        t2i = tl.sum(tl.reshape(cos_t, (GT, LB, GIP)), axis=1) / cnt_t[:, None]  # (GT, GIP)
+        s = u1 * i2t + (1.0 - u1) * tl.trans(t2i)  # (GIP, GT)
+
+        img = i0 + slot_i
+        txt = t0 + tt
+        img_in = (slot_i < GI) & (img < N)
+        txt_in = txt < Mb
+        if EMBED:
+            acc = tl.zeros((GIP, GT), dtype=tl.float32)
+            for e0 in range(0, E, BLOCK_E):
+                ce = e0 + tl.arange(0, BLOCK_E)
+                gi = tl.load(gi_ptr + img[:, None] * E + ce[None, :], mask=img_in[:, None] & (ce < E)[None, :], other=0.0)
+                gt = tl.load(gt_ptr + txt[:, None] * E + ce[None, :], mask=txt_in[:, None] & (ce < E)[None, :], other=0.0)
+                acc += tl.sum(gi[:, None, :] * gt[None, :, :], axis=2)
+            s = u2 * s + (1.0 - u2) * acc
+        else:
+            s = u2 * s  # PAIRWISE: the host adds (1 - u2) * S_global from κ and λ
+        col = tl.load(wcol_ptr + txt, mask=txt_in, other=0).to(tl.int64)
+        tl.store(S_ptr + img[:, None] * stride_sn + col[None, :] * stride_sm, s, mask=img_in[:, None] & txt_in[None, :])
+
+
+# --------------------------------------------------------------------------- host side
+
+import os  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import List, Optional, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MIN_DOT = 16  # every tl.dot side must be >= 16 on NVIDIA GPUs
+TILE_ROWS = 128  # region rows per tile (GI images of K rows, padded)
+TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
+MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows with GI
+BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
+QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
+# Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
+# (full Γ is (n, H*T, H*T) fp32: 2 MiB per text at L = 32) while the tile layout fills.
+PREP_CHUNK = 1024
+# Pairs per launch when the pairwise global score is on: κ and λ are (pairs, D) each,
+# and the host GEMMs make two more (pairs, D) tensors (~8 KiB per pair in bf16).
+GLOBAL_PAIRS = 2**20
+
+
+def _pow2(n: int, lo: int = _MIN_DOT) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def head_width(D: int, heads: int) -> int:
+    """Head width as stored for the tiles: D/H padded with zero columns to a power of two >= 16
+    (zero columns change no logit, so D = 64, H = 8 works)."""
+    return _pow2(D // heads)
+
+
+def image_tile_shape(K: int, rows: int = TILE_ROWS) -> Tuple[int, int]:
+    """(GI images per tile, BR padded rows) for images of K regions."""
+    gi = max(1, min(MAX_IMAGES_PER_TILE, rows // K))
+    return gi, _pow2(gi * K)
+
+
+def bucket_of(length: int, buckets=None) -> int:
+    """The padded length (bucket) of a text with ``length`` valid tokens."""
+    for b in buckets or BUCKETS:
+        if length <= b:
+            return b
+    raise ValueError(f"a text has {length} valid tokens; the triton backend takes at most {(buckets or BUCKETS)[-1]}")
+
+
+def check_tile_limits(K: int, L: int) -> None:
+    """Refuse shapes the tiles do not take (ValueError naming the argument)."""
+    if K > TILE_ROWS:
+        raise ValueError(f"V has K = {K} regions per image; the triton backend takes at most {TILE_ROWS} (use backend='torch')")
+    if L > BUCKETS[-1]:
+        raise ValueError(f"W has L = {L} tokens per text; the triton backend takes at most {BUCKETS[-1]} (use backend='torch')")
+
+
+@dataclass
+class TileImages:
+    """Image side in the tile layout (n images of K regions, H heads, head width DH).
+
+    Q/Kk/O: (H, n*K, DH) storage dtype, head-major (Kk/O may be the same tensor as Q);
+    mask (n*K,) int8; norm (n*K,) fp32; gam (n, HKP, HKP) storage dtype, the full Γv with
+    row h*K + k, zero-padded to HKP (None for block-diagonal Γ); gx (n, D) fp32 or None."""
+
+    Q: torch.Tensor
+    Kk: torch.Tensor
+    O: torch.Tensor
+    mask: torch.Tensor
+    norm: torch.Tensor
+    gam: Optional[torch.Tensor]
+    gx: Optional[torch.Tensor]
+    K: int
+
+    @property
+    def n(self) -> int:
+        return self.mask.shape[0] // self.K
+
+
+@dataclass
+class TextBucket:
+    """Texts of one length bucket: each text's valid tokens first, padded to LB rows.
+
+    Q/Kk/O: (H, Mb*LB, DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32; col (Mb,) int32 = the
+    S column of each text; gam (Mb, H*LB, H*LB) full Γw with row h*LB + l, or None."""
+
+    Q: torch.Tensor
+    Kk: torch.Tensor
+    O: torch.Tensor
+    mask: torch.Tensor
+    norm: torch.Tensor
+    col: torch.Tensor
+    gam: Optional[torch.Tensor]
+    LB: int
+
+    @property
+    def Mb(self) -> int:
+        return self.col.shape[0]
+
+
+@dataclass
+class GlobalWeights:
+    """Pairwise global score (spec §3) as W_g = κ Zw, V_g = σ ⊙ (λ Zv) + gx, with
+    κ = concat_h(ā_h Kw_h) and λ = concat_h(b̄_h Kv_h) from the kernel. Zw = z_o x_w and
+    Zv = z_o x_v (H*DH, D) fp32 with zero rows at padded head columns; sigma (D,) fp32."""
+
+    Zw: torch.Tensor
+    Zv: torch.Tensor
+    sigma: torch.Tensor
+
+
+@dataclass
+class TilePlan:
+    images: TileImages
+    buckets: List[TextBucket]
+    full: bool  # full Γ (z_o present): phase B quadratic forms from scratch
+    glob: Optional[GlobalWeights] = None
+    M: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _heads_major(x: torch.Tensor, dh: int, st: torch.dtype) -> torch.Tensor:
+    """(n, H, T, d) -> (H, n*T, dh) contiguous in ``st``; d padded with zeros to dh."""
+    n, H, T, d = x.shape
+    y = x.transpose(0, 1).to(st)
+    if dh != d:
+        y = torch.nn.functional.pad(y, (0, dh - d))
+    return y.contiguous().view(H, n * T, dh)
+
+
+def _tile_qko(Q, Kk, O, dh: int, st: torch.dtype):
+    """Q/Kk/O (n, H, T, d) -> (H, n*T, dh) each, keeping the identities Kk is Q / O is Q."""
+    Qt = _heads_major(Q, dh, st)
+    return Qt, Qt if Kk is Q else _heads_major(Kk, dh, st), Qt if O is Q else _heads_major(O, dh, st)
+
+
+def _cat_sides(parts, dim_items):
+    """Concatenate per-chunk tile pieces along the item rows (keeping Kk is Q / O is Q)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    out = {}
+    for name in ("Q", "Kk", "O"):
+        if name != "Q" and getattr(first, name) is first.Q:
+            continue
+        out[name] = torch.cat([getattr(p, name) for p in parts], dim=1)
+    out["Kk"] = out.get("Kk", out["Q"])
+    out["O"] = out.get("O", out["Q"])
+    for name in dim_items:
+        vals = [getattr(p, name) for p in parts]
+        out[name] = None if vals[0] is None else torch.cat(vals, dim=0)
+    return out
+
+
+def tile_images(side, st: torch.dtype) -> TileImages:
+    """acf_fast.precompute.ItemSide of n images -> :class:`TileImages`."""
+    n, H, K, d = side.Q.shape
+    Q, Kk, O = _tile_qko(side.Q, side.Kk, side.O, head_width(H * d, H), st)
+    gam = None
+    if not side.block_diagonal:
+        HK, hkp = H * K, hkp_of(H, K)
+        gam = torch.nn.functional.pad(side.gram.to(st), (0, hkp - HK, 0, hkp - HK)).contiguous()
+    return TileImages(Q, Kk, O, side.mask.reshape(-1).to(torch.int8).contiguous(),
+                      side.norm.reshape(-1).to(torch.float32).contiguous(), gam,
+                      None if side.gx is None else side.gx.to(torch.float32).contiguous(), K)
+
+
+def tile_texts(side, st: torch.dtype, first: int = 0) -> List[TextBucket]:
+    """ItemSide of m texts -> one :class:`TextBucket` per length bucket in use.
+
+    Each text's valid tokens are moved to the front (stable) and counted: ACF has no
+    positional term after the encoder, so the order of a text's tokens changes no score,
+    and a text with holes in its mask is padded only to its count. ``first`` offsets the
+    S column index (texts prepared in chunks)."""
+    m, H, L, d = side.Q.shape
+    dh = head_width(H * d, H)
+    count = side.mask.sum(1)
+    order = torch.argsort((~side.mask).to(torch.int8), dim=1, stable=True)  # valid tokens first
+    buckets = []
+    lo = 0
+    for LB in BUCKETS:
+        sel = ((count > lo) & (count <= LB)).nonzero().flatten()
+        lo = LB
+        if sel.numel() == 0:
+            continue
+        T = min(LB, L)
+        tok = order[sel, :T]  # (Mb, T)
+        pad = LB - T
+
+        def gather(x):  # (m, H, L, d) -> (Mb, H, LB, d)
+            g = torch.gather(x[sel], 2, tok[:, None, :, None].expand(-1, H, -1, x.shape[-1]))
+            return torch.nn.functional.pad(g, (0, 0, 0, pad)) if pad else g
+
+        Qb = gather(side.Q)
+        Kb = Qb if side.Kk is side.Q else gather(side.Kk)
+        Ob = Qb if side.O is side.Q else gather(side.O)
+        Q, Kk, O = _tile_qko(Qb, Kb, Ob, dh, st)
+        valid = torch.arange(LB, device=count.device)[None, :] < count[sel, None]
+        norm = torch.gather(side.norm[sel], 1, tok)
+        norm = torch.nn.functional.pad(norm, (0, pad)) if pad else norm
+        gam = None
+        if not side.block_diagonal:
+            # rows/cols h*L + tok[l] of Γ -> h*LB + l, zero at padded tokens
+            tokp = torch.nn.functional.pad(tok, (0, pad)) if pad else tok
+            ix = (torch.arange(H, device=tok.device)[None, :, None] * L + tokp[:, None, :]).reshape(len(sel), H * LB)
+            g = side.gram[sel]
+            g = torch.gather(g, 1, ix[:, :, None].expand(-1, -1, g.shape[2]))
+            g = torch.gather(g, 2, ix[:, None, :].expand(-1, ix.shape[1], -1))
+            keep = valid.repeat(1, H)
+            gam = (g * (keep[:, :, None] & keep[:, None, :])).to(st).contiguous()
+        buckets.append(TextBucket(Q, Kk, O, valid.reshape(-1).to(torch.int8).contiguous(),
+                                  (norm * valid).reshape(-1).to(torch.float32).contiguous(),
+                                  (sel + first).to(torch.int32).contiguous(), gam, LB))
+    return buckets
+
+
+def _merge_buckets(chunks: List[List[TextBucket]]) -> List[TextBucket]:
+    by_lb = {}
+    for part in chunks:
+        for b in part:
+            by_lb.setdefault(b.LB, []).append(b)
+    out = []
+    for LB in sorted(by_lb):
+        parts = by_lb[LB]
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        cat = _cat_sides(parts, ("mask", "norm", "col", "gam"))
+        out.append(TextBucket(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"], cat["col"], cat["gam"], LB))
+    return out
+
+
+def _global_weights(weights, D: int, H: int, dh: int, device) -> GlobalWeights:
+    """Zw = z_o x_w, Zv = z_o x_v (missing = identity) in fp32, rows padded per head to dh."""
+    f = lambda k: None if weights.get(k) is None else weights[k].detach().to(device, torch.float32)  # noqa: E731
+    z_o, x_w, x_v, gate = f("z_o"), f("x_w"), f("x_v"), f("gate")
+    eye = torch.eye(D, device=device)
+
+    def prod(a, b):
+        return (eye if a is None else a) @ (eye if b is None else b)
+
+    def pad_rows(Z):
+        d = D // H
+        if dh == d:
+            return Z.contiguous()
+        return torch.nn.functional.pad(Z.view(H, d, D), (0, 0, 0, dh - d)).reshape(H * dh, D).contiguous()
+
+    sigma = torch.full((D,), 0.5, device=device) if gate is None else torch.sigmoid(gate)
+    return GlobalWeights(pad_rows(prod(z_o, x_w)), pad_rows(prod(z_o, x_v)), sigma.contiguous())
+
+
+def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: int = PREP_CHUNK) -> TilePlan:
+    """Per-item precompute (acf_fast.precompute, spec §8) of both sides, in the tile layout.
+
+    V (N, K, D), W (M, L, D) any float dtype; masks (.., T) bool or None; G (N, D) or None
+    (pairwise global score on when given); ``st`` the storage dtype of the tiles."""
+    from acf_fast.precompute import precompute_items
+
+    N, K, D = V.shape
+    M, L, _ = W.shape
+    check_tile_limits(K, L)
+    pairwise = G is not None
+    weights = weights or {}
+    with torch.no_grad():
+        parts = []
+        for s in range(0, N, chunk):
+            side = precompute_items(V[s:s + chunk], None if v_mask is None else v_mask[s:s + chunk], weights, heads,
+                                    role="image", pairwise_global=False)  # the tiles use κ/λ, never Pglob
+            parts.append(tile_images(side, st))
+        cat = _cat_sides(parts, ("mask", "norm", "gam", "gx"))
+        images = parts[0] if len(parts) == 1 else TileImages(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"],
+                                                             cat["gam"], cat["gx"], K)
+        text_parts = []
+        for s in range(0, M, chunk):
+            side = precompute_items(W[s:s + chunk], None if w_mask is None else w_mask[s:s + chunk], weights, heads,
+                                    role="text", pairwise_global=False)
+            text_parts.append(tile_texts(side, st, first=s))
+        buckets = _merge_buckets(text_parts)
+        full = images.gam is not None
+        glob = None
+        if pairwise:
+            glob = _global_weights(weights, D, heads, images.Q.shape[2], V.device)
+            x_g = weights.get("x_g")
+            Gx = G.detach().float() if x_g is None else G.detach().float() @ x_g.detach().float()
+            images.gx = ((1 - glob.sigma) * Gx).contiguous()  # (1 − σ) ⊙ (G x_g), spec §3
+    return TilePlan(images, buckets, full, glob, M)
+
+
+def _configs(interpret: bool):
+    """8 warps (two warpgroups, one per 64 tile rows): at 4 warps the offline sm_90 build
+    spills ~2 KB per thread. Two shared-memory stages only where they fit in 227 KB."""
+    if interpret:
+        return [triton.Config({"GROUP_I": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"GROUP_I": 16}, num_warps=8, num_stages=s) for s in (1, 2)]
+
+
+def _prune(configs, named_args, **meta):
+    """Full Γ and fp32 operands need one stage (two overflow shared memory); the
+    block-diagonal bf16 tile tries both."""
+    if meta.get("FULL") or meta.get("DOT_PREC") != "tf32" or meta.get("DH", 0) > 128:
+        return [c for c in configs if c.num_stages == 1] or configs[:1]
+    return configs
+
+
+_TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
+             "DOT_PREC"]
+_tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
+
+
+def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
+                    embed: bool, E: int, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+    """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
+
+    H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
+    HKP the padded H*K of the full Γv (ignored unless ``full``)."""
+    GI, BR = image_tile_shape(K, rows)
+    BC = max(cols, LB)
+    GT = BC // LB
+    GIP = triton.next_power_of_2(GI)
+    return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
+                PP=max(_MIN_DOT, GIP * GT), HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
+                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed,
+                BLOCK_E=min(64, triton.next_power_of_2(max(E, 1))), DOT_PREC=dot_prec)
+
+
+def hkp_of(H: int, K: int) -> int:
+    """H*K padded to whole QUAD_CHUNK columns (the full Γv's side in the tiles)."""
+    return triton.cdiv(H * K, QUAD_CHUNK) * QUAD_CHUNK
+
+
+def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool, E: int,
+              cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+    """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``."""
+    img = plan.images
+    H, _, DH = img.Q.shape
+    return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
+                           pairwise=plan.glob is not None, embed=embed, E=E,
+                           HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs, so the persistent loop is exercised
+
+
+def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float) -> None:
+    """out[i, col] += (1 - u2) * cos(V_g, W_g) for images [lo, hi) and the bucket's texts."""
+    g = plan.glob
+    n, Mb = hi - lo, bucket.Mb
+    st = kap.dtype
+    if st == torch.float32:
+        Wg = _mm_fp32(kap, g.Zw)
+        Vg = _mm_fp32(lam, g.Zv)
+    else:
+        Wg = (kap @ g.Zw.to(st)).float()
+        Vg = (lam @ g.Zv.to(st)).float()
+    Vg = Vg.view(n, Mb, -1).mul_(g.sigma).add_(plan.images.gx[lo:hi, None, :])
+    Wg = Wg.view(n, Mb, -1)
+    dot = (Vg * Wg).sum(-1)
+    den = (Vg.norm(dim=-1) * Wg.norm(dim=-1)).clamp_(min=1e-8)
+    cols = bucket.col.to(torch.long)
+    out[lo:hi, cols] += (1.0 - u2) * (dot / den)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 product to ~1e-6 relative on tensor cores: three bf16 products of the split
+    a = a_hi + a_lo, b = b_hi + b_lo (a_lo·b_lo dropped). On CPU: plain fp32."""
+    if not a.is_cuda:
+        return a @ b
+    ah = a.to(torch.bfloat16)
+    al = (a - ah.float()).to(torch.bfloat16)
+    bh = b.to(torch.bfloat16)
+    bl = (b - bh.float()).to(torch.bfloat16)
+    return torch.mm(ah, bh).float() + torch.mm(ah, bl).float() + torch.mm(al, bh).float()
+
+
+def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: float,
+                 gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
+                 cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
+                 global_pairs: int = GLOBAL_PAIRS) -> torch.Tensor:
+    """Write S (N, M) float32 into ``out``: one launch per text bucket (and, with the
+    pairwise global score, per chunk of images of at most ``global_pairs`` pairs).
+
+    ``gi`` (N, E), ``gt`` (M, E) fp32: the embedding global score (original text order);
+    ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
+    without autotuning (offline report, tests)."""
+    img = plan.images
+    N = img.n
+    embed = gi is not None
+    E = gi.shape[1] if embed else 1
+    dev = out.device
+    H, _, DH = img.Q.shape
+    for b in plan.buckets:
+        meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, E=E, cols=cols, rows=rows)
+        GI, GT = meta["GI"], meta["GT"]
+        n_tt = triton.cdiv(b.Mb, GT)
+        gtb = gt.index_select(0, b.col.to(torch.long)) if embed else img.norm
+        chunk = N if plan.glob is None else max(GI, (global_pairs // max(b.Mb, 1)) // GI * GI)
+        for lo in range(0, N, chunk):
+            hi = min(N, lo + chunk)
+            n_tiles = triton.cdiv(hi - lo, GI) * n_tt
+            programs = min(n_tiles, _num_sms(dev)) if plan.full else n_tiles
+            scratch = (torch.empty(programs * H * 2 * meta["BR"] * meta["BC"], dtype=img.Q.dtype, device=dev)
+                       if plan.full else img.norm)
+            if plan.glob is not None:
+                kap = torch.empty((hi - lo) * b.Mb, H * DH, dtype=img.Q.dtype, device=dev)
+                lam = torch.empty_like(kap)
+            else:
+                kap = lam = img.norm
+            rs = slice(lo * img.K, hi * img.K)
+            args = (out[lo:hi], out.stride(0), out.stride(1),
+                    img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], img.norm[rs],
+                    img.gam[lo:hi] if plan.full else img.norm,
+                    b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam if plan.full else img.norm,
+                    scratch, kap, lam,
+                    gi[lo:hi] if embed else img.norm, gtb,
+                    hi - lo, b.Mb, n_tt, E, float(scale[0]), float(scale[1]), float(u1), float(u2))
+            grid = (programs,)
+            if tuned:
+                _tile_tuned[grid](*args, **meta)
+            else:
+                cfg = _configs(_INTERPRET)[0]
+                _tile_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if plan.glob is not None:
+                _add_global(out, plan, b, kap, lam, lo, hi, u2)
+    return out
