@@ -5,17 +5,25 @@
     W = model.encode_texts(words, word_mask)                    # (M, L, D)
     S = model.score(V, region_mask, G, W, word_mask)            # (N, M)
 
-Encoders: ``V = l2norm(F Wr + br)``, ``G = l2norm(g Wgl + bgl)``, ``W = l2norm(Hb Wt + bt)``
-(``region_fc``, ``global_fc``, ``text_fc``). The paper variant owns z_x z_y z_o x_w x_v
-x_g (D, D) and gate (D,) under exactly those names and hands them to
-:func:`acf_fast.acf_similarity` as ``weights``; the acf-code variant owns none (identity
-projections, embeddings global score).
+Encoders: ``V = l2norm(F Wr + br)``, ``G = l2norm(g Wgl + bgl)`` (``region_fc``,
+``global_fc``); words ``P = Hb Wt + bt`` (``project_texts``, ``text_fc``) then
+``W = l2norm(P)`` in the paper variant and ``W = P`` in acf-code (``finish_texts``;
+spec §1: the authors' words are unnormalised, ‖w‖ ≈ 10, which makes their smooth 4 / 9
+attention sharp). Training perturbs P between the two steps (spec §6 negatives).
+The paper variant owns z_x z_y z_o x_w x_v x_g (D, D) and gate (D,) under exactly
+those names and hands them to :func:`acf_fast.acf_similarity` as ``weights``; the
+acf-code variant owns none (identity projections, embeddings global score).
 
 **[choice] acf-code global score.** The authors' ``encode_data`` builds each item's
 global vector from attention with its OWN ground-truth partner, so their global scores
 see the labels. We never do that: the acf-code variant uses ``global_emb = (G,
 text_vectors(W))``, the encoded global image feature against the l2-normalised mean of
 the text's valid word features, both label-free.
+
+**Without cross-modal fusion** (``cmf=False``, the "w/o CMF" ablation of spec §6): the
+paper variant's S_global becomes the partner-free cosine ``R(G, l2norm(mean_j w_j))``
+[spec choice], the same ``global_emb`` path, so no attended feature enters the global
+score; x_w, x_v, x_g and gate do not exist then. The local score keeps its attention.
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ from .validate import MATRIX_WEIGHTS
 CONFIG_KEY = "acf_config"
 FORMAT_KEY = "acf_format"
 FORMAT = "acf-fast/1"
+# Word normalisation per variant (spec §1): "l2" = l2norm(Hb Wt + bt), "none" = unnormalised.
+WORD_NORMS = ("l2", "none")
+DEFAULT_WORD_NORM = {"paper": "l2", "acf-code": "none"}
 # Std of the noise added to the identity init of the fusion matrices (times 1/sqrt(D)).
 FUSION_INIT_NOISE = 0.02
 
@@ -47,11 +58,16 @@ class ACF(nn.Module):
         embed_dim: D. heads: H (D % H == 0).
         region_dim: Dv of raw region features. global_dim: Dg of raw global features.
         text_dim: Db of the text encoder's features (384 for MiniLM).
-        u1, u2: override the variant's local / global weights (spec eqs. 13, 15).
+        u1, u2: override the variant's local / global weights (spec eqs. 13, 15), in [0, 1].
+        cmf: False removes the cross-modal fusion from the paper variant's global score
+            (the "w/o CMF" ablation, see the module docstring). acf-code has no fusion
+            to remove (its global score is already partner-free), so False is refused.
+        word_norm: "l2" or "none"; None = the variant's (paper "l2", acf-code "none").
     """
 
     def __init__(self, variant: str = "paper", embed_dim: int = 1024, heads: int = 8, region_dim: int = 2048,
-                 global_dim: int = 2048, text_dim: int = 384, u1: Optional[float] = None, u2: Optional[float] = None):
+                 global_dim: int = 2048, text_dim: int = 384, u1: Optional[float] = None, u2: Optional[float] = None,
+                 cmf: bool = True, word_norm: Optional[str] = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -65,23 +81,45 @@ class ACF(nn.Module):
         self.variant = spec
         self.u1 = float(spec.u1 if u1 is None else u1)
         self.u2 = float(spec.u2 if u2 is None else u2)
+        for name, u in (("u1", self.u1), ("u2", self.u2)):
+            if not 0.0 <= u <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {u}")
+        if not isinstance(cmf, bool):
+            raise ValueError(f"cmf must be a bool, got {cmf!r}")
+        if not cmf and spec.global_mode != "pairwise":
+            raise ValueError(f"cmf=False: the {variant} variant has no cross-modal fusion to remove (its global "
+                             "score is already the partner-free G · l2norm(mean w)); use the paper variant")
+        word_norm = DEFAULT_WORD_NORM[variant] if word_norm is None else word_norm
+        if word_norm not in WORD_NORMS:
+            raise ValueError(f"word_norm must be one of {WORD_NORMS} or None, got {word_norm!r}")
+        self.cmf = cmf
+        self.word_norm = word_norm
         self.heads = heads
         self.scale = spec.scale  # None -> 1/sqrt(d), resolved by acf_similarity
         self.config = dict(variant=variant, embed_dim=embed_dim, heads=heads, region_dim=region_dim,
-                           global_dim=global_dim, text_dim=text_dim, u1=self.u1, u2=self.u2)
+                           global_dim=global_dim, text_dim=text_dim, u1=self.u1, u2=self.u2, cmf=cmf,
+                           word_norm=word_norm)
         D = embed_dim
         self.region_fc = nn.Linear(region_dim, D)
         self.global_fc = nn.Linear(global_dim, D)
         self.text_fc = nn.Linear(text_dim, D)
-        if spec.learned_projections:
-            for name in MATRIX_WEIGHTS:
-                self.register_parameter(name, nn.Parameter(torch.empty(D, D)))
-            self.gate = nn.Parameter(torch.empty(D))
+        for name in self.fusion_names:
+            shape = (D,) if name == "gate" else (D, D)
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.reset_parameters()
 
     @property
     def fusion_names(self) -> Tuple[str, ...]:
-        return MATRIX_WEIGHTS + ("gate",) if self.variant.learned_projections else ()
+        """The ``weights`` this model owns: all seven (paper), z_x z_y z_o (paper
+        without CMF: the local attention keeps its projections), none (acf-code)."""
+        if not self.variant.learned_projections:
+            return ()
+        return MATRIX_WEIGHTS + ("gate",) if self.cmf else MATRIX_WEIGHTS[:3]
+
+    @property
+    def pairwise_global(self) -> bool:
+        """True when S_global is the paper's fused pairwise score (spec §3)."""
+        return self.variant.global_mode == "pairwise" and self.cmf
 
     def reset_parameters(self) -> None:
         """Xavier-uniform linears with zero bias (as SCAN); fusion matrices identity plus
@@ -95,13 +133,14 @@ class ACF(nn.Module):
         for fc in (self.region_fc, self.global_fc, self.text_fc):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
-        if self.variant.learned_projections:
-            D = self.config["embed_dim"]
-            with torch.no_grad():
-                for name in MATRIX_WEIGHTS:
-                    w = getattr(self, name)
+        D = self.config["embed_dim"]
+        with torch.no_grad():
+            for name in self.fusion_names:
+                w = getattr(self, name)
+                if name == "gate":
+                    w.zero_()
+                else:
                     w.copy_(torch.eye(D) + torch.randn(D, D) * (FUSION_INIT_NOISE / D ** 0.5))
-                self.gate.zero_()
 
     # ------------------------------------------------------------------ encoders
     def _as_input(self, x, name: str, ndim: int, width: int) -> torch.Tensor:
@@ -153,15 +192,24 @@ class ACF(nn.Module):
         G = l2norm(self.global_fc(g))
         return V, G
 
-    def encode_texts(self, words, word_mask) -> torch.Tensor:
-        """Word features Hb (M, L, Db) float, word_mask (M, L) bool -> W (M, L, D), rows
-        l2-normalised, invalid rows zero."""
-        Hb = self._as_input(words, "words", 3, self.config["text_dim"])
-        mask = self._as_mask(word_mask, "word_mask", Hb.shape[:2])
-        W = l2norm(self.text_fc(Hb))
+    def project_texts(self, words) -> torch.Tensor:
+        """Word features Hb (M, L, Db) float -> P = Hb Wt + bt (M, L, D), before any
+        normalisation: where the cached-path negatives act (spec §6)."""
+        return self.text_fc(self._as_input(words, "words", 3, self.config["text_dim"]))
+
+    def finish_texts(self, P: torch.Tensor, word_mask) -> torch.Tensor:
+        """Projected words P (M, L, D), word_mask (M, L) bool or None -> W (M, L, D):
+        rows l2-normalised (word_norm "l2") or as they are ("none"); invalid rows zero."""
+        mask = self._as_mask(word_mask, "word_mask", P.shape[:2])
+        W = l2norm(P) if self.word_norm == "l2" else P
         if mask is not None:
             W = W * mask[..., None].to(W.dtype)
         return W
+
+    def encode_texts(self, words, word_mask) -> torch.Tensor:
+        """Word features Hb (M, L, Db) float, word_mask (M, L) bool -> W (M, L, D)
+        (``finish_texts(project_texts(words))``), invalid rows zero."""
+        return self.finish_texts(self.project_texts(words), word_mask)
 
     def text_vectors(self, W: torch.Tensor, word_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """(M, D): l2norm of the mean of W's valid rows (acf-code Gt; re-ranker neighbours)."""
@@ -173,10 +221,12 @@ class ACF(nn.Module):
 
     def score(self, V, v_mask, G, W, w_mask, backend: str = "auto") -> torch.Tensor:
         """S (N, M) float32 for encoded items, by the variant's settings (spec §3)."""
-        kwargs = dict(heads=self.heads, scale=self.scale, u1=self.u1, u2=self.u2, backend=backend)
-        if self.variant.global_mode == "pairwise":
-            return acf_similarity(V, v_mask, W, w_mask, weights=self.fusion_weights(), G=G, **kwargs)
-        # [choice] label-free embeddings global score, see the module docstring.
+        kwargs = dict(heads=self.heads, scale=self.scale, u1=self.u1, u2=self.u2, weights=self.fusion_weights(),
+                      backend=backend)
+        if self.pairwise_global:
+            return acf_similarity(V, v_mask, W, w_mask, G=G, **kwargs)
+        # acf-code [choice] label-free embeddings global score, or the paper variant
+        # without CMF: both are the partner-free G · l2norm(mean w), see the module docstring.
         return acf_similarity(V, v_mask, W, w_mask, global_emb=(G, self.text_vectors(W, w_mask)), **kwargs)
 
     def forward(self, regions, region_mask, globals, words, word_mask, backend: str = "auto") -> torch.Tensor:
@@ -243,12 +293,14 @@ class ACF(nn.Module):
                 raise TypeError("config is not an object")
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: unreadable model config in metadata ({err})") from None
+        # Checkpoints written before word_norm existed l2-normalised the words in both variants.
+        config.setdefault("word_norm", "l2")
         for k, v in (expect or {}).items():
             if config.get(k) != v:
                 raise ValueError(f"{path}: config {k} = {config.get(k)!r} but {v!r} was expected")
         try:
             model = cls(**config)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: config {config} does not fit ACF ({err})") from None
         try:
             state = load_file(str(path), device=str(map_location))

@@ -35,8 +35,20 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x / max(‖x‖, 1e-8) along ``dim``."""
-    return x / torch.clamp(x.norm(dim=dim, keepdim=True), min=EPS)
+    """x / max(‖x‖, 1e-8) along ``dim`` (spec notation), any shape and float dtype.
+
+    Gradient: exact where ‖x‖ > 1e-8; ZERO inside the clamp (zero rows). The clamped
+    form x / 1e-8 has a Jacobian of I / 1e-8 there, and a zero row is legitimate input
+    (spec §1: a white-background CNN cell or a padded region meets a zero-initialised
+    bias): its 1e8 gradient, times the cosine's own 1e8 on the zero row that follows,
+    put ~1e15 into region_fc.bias on the first step (issue 12). A zero vector has no
+    direction, so it is treated as a constant: the row stays out of learning until
+    the bias moves it off zero, which the other rows' gradients do on the first step.
+    """
+    norm = x.norm(dim=dim, keepdim=True)
+    off_zero = norm > EPS
+    safe = torch.where(off_zero, norm, torch.ones_like(norm))
+    return torch.where(off_zero, x / safe, (x / EPS).detach())
 
 
 def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -98,7 +98,6 @@ class TextEncoder:
         enc = self.tokenizer(list(captions), truncation=True, max_length=max_length, padding=False)
         return enc["input_ids"]
 
-    @torch.no_grad()
     def encode(
         self, captions: Sequence[str], batch_size: int = 256, max_length: int = 40, progress: bool = True
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +110,18 @@ class TextEncoder:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids = self.tokenize(captions, max_length)
+        return self.encode_ids(self.tokenize(captions, max_length), batch_size=batch_size, progress=progress)
+
+    @torch.no_grad()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 256,
+                   progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encode wordpiece-id sequences (as ``tokenize`` gives, possibly shuffled):
+        the same (Hb (M, L, Db) float32, mask (M, L) bool) as ``encode``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not ids or any(len(x) == 0 for x in ids):
+            raise ValueError("ids must be a non-empty list of non-empty wordpiece-id sequences")
+        ids = [list(x) for x in ids]
         M = len(ids)
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
         L = int(lengths.max()) if M else 0
@@ -166,6 +176,27 @@ class TextEncoder:
         exactly as for ``input_ids``.
         """
         return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long()).last_hidden_state
+
+
+def shuffle_wordpieces(ids: Sequence[int], gen: torch.Generator) -> Tuple[List[int], bool]:
+    """The token-shuffle negative on wordpiece ids, BEFORE the encoder (spec §6).
+
+    ids: one tokenised text, [CLS] first and [SEP] last. The inner wordpieces are
+    permuted (the specials stay), by a permutation that changes the sequence whenever
+    it can (two or more distinct inner wordpieces): a random draw that happens to
+    leave it unchanged is rotated by one. Returns (shuffled ids, changed); changed is
+    False when nothing can move, and the caller then knows the "negative" is the
+    text itself. Draws one ``torch.randperm`` from ``gen`` per text that can change.
+    """
+    ids = list(ids)
+    inner = ids[1:-1]
+    if len(set(inner)) < 2:
+        return ids, False
+    perm = torch.randperm(len(inner), generator=gen).tolist()
+    new = [inner[p] for p in perm]
+    if new == inner:
+        new = inner[1:] + inner[:1]  # differs: not all inner wordpieces are equal
+    return ids[:1] + new + ids[-1:], True
 
 
 def _safe_default() -> Optional[Path]:

@@ -111,7 +111,9 @@ def train_batch(B: int, *, K: int = 36, words: int = 32, Dv: int = 2048, Db: int
     regions (B, K, Dv) with a region_mask (the first B // 5 images have only 2K/3
     valid regions), globals (B, Dv), words (B, words, Db) / mask with lengths uniform
     in [max(3, words // 2), words], positives pos_words / pos_mask up to twice as long
-    (a long positive holds two captions). Padded rows are zero, as the cache holds them.
+    (a long positive holds two captions), and shuf_words / pos_shuf_words: the cached
+    encodings of the shuffled texts that shuffle (and mixture) negatives take, same
+    masks. Padded rows are zero, as the cache holds them.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -125,5 +127,7 @@ def train_batch(B: int, *, K: int = 36, words: int = 32, Dv: int = 2048, Db: int
     w, m = texts(words)
     pw, pm = texts(2 * words)
     batch = {"regions": torch.randn(B, K, Dv, generator=g), "region_mask": region_mask,
-             "globals": torch.randn(B, Dv, generator=g), "words": w, "mask": m, "pos_words": pw, "pos_mask": pm}
+             "globals": torch.randn(B, Dv, generator=g), "words": w, "mask": m, "pos_words": pw, "pos_mask": pm,
+             "shuf_words": torch.randn(w.shape, generator=g) * m[..., None],
+             "pos_shuf_words": torch.randn(pw.shape, generator=g) * pm[..., None]}
     return {k: v.to(device) for k, v in batch.items()}

@@ -40,7 +40,10 @@ def global_batch(step, B=4, K=5, L=6, Dv=12, Db=10):
     return {"regions": torch.randn(n, K, Dv, generator=g), "region_mask": None,
             "globals": torch.randn(n, Dv, generator=g),
             "words": torch.randn(n, L, Db, generator=g) * mask[..., None], "mask": mask,
-            "pos_words": torch.randn(n, L + 2, Db, generator=g) * pmask[..., None], "pos_mask": pmask}
+            "pos_words": torch.randn(n, L + 2, Db, generator=g) * pmask[..., None], "pos_mask": pmask,
+            # stand-ins for the cached encodings of the shuffled texts (mixture negatives)
+            "shuf_words": torch.randn(n, L, Db, generator=g) * mask[..., None],
+            "pos_shuf_words": torch.randn(n, L + 2, Db, generator=g) * pmask[..., None]}
 
 
 def shard(b, rank, B=4):

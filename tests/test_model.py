@@ -35,7 +35,7 @@ def _model(variant, seed=0, **kw):
     m = ACF(variant, **{**DIMS, **kw})
     if variant == "paper":
         with torch.no_grad():  # move well away from the identity init so z_* matter
-            for name in FUSION:
+            for name in m.fusion_names:
                 getattr(m, name).add_(0.3 * torch.randn_like(getattr(m, name)))
     return m
 
@@ -49,7 +49,6 @@ def test_encode_shapes_and_unit_rows(variant):
     assert V.shape == (3, 5, 32) and G.shape == (3, 32) and W.shape == (4, 6, 32)
     assert V.dtype == W.dtype == G.dtype == torch.float32
     torch.testing.assert_close(V.norm(dim=-1)[rmask], torch.ones(int(rmask.sum())))
-    torch.testing.assert_close(W.norm(dim=-1)[wmask], torch.ones(int(wmask.sum())))
     torch.testing.assert_close(G.norm(dim=-1), torch.ones(3))
     assert (V[~rmask] == 0).all() and (W[~wmask] == 0).all()
     # Encoders as spec §1, computed in float64 by hand.
@@ -57,6 +56,14 @@ def test_encode_shapes_and_unit_rows(variant):
     want = regions.double() @ Wr.T + br
     want = want / want.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(V[rmask].double(), want[rmask], atol=1e-6, rtol=1e-5)
+    # Words: paper l2norm(Hb Wt + bt); acf-code Hb Wt + bt unnormalised (the authors' code).
+    P = words.double() @ m.text_fc.weight.double().T + m.text_fc.bias.double()
+    if variant == "paper":
+        P = P / P.norm(dim=-1, keepdim=True)
+    else:
+        assert W.norm(dim=-1)[wmask].min() > 1.5  # not unit rows
+    torch.testing.assert_close(W[wmask].double(), P[wmask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.finish_texts(m.project_texts(words), wmask), W, atol=0, rtol=0)
     Tv = m.text_vectors(W, wmask)
     mean = torch.stack([W[t][wmask[t]].double().mean(0) for t in range(4)])
     torch.testing.assert_close(Tv.double(), mean / mean.norm(dim=-1, keepdim=True), atol=1e-6, rtol=1e-5)
@@ -128,6 +135,46 @@ def test_u_overrides_and_forward():
     want = reference_similarity(V, rmask, W, wmask, heads=4, u1=0.6, u2=1.0,
                                 weights={k: getattr(m, k) for k in FUSION}, G=G)
     torch.testing.assert_close(S.double(), want, atol=1e-5, rtol=0)
+
+
+def test_without_cmf_the_global_score_is_partner_free():
+    m = _model("paper", seed=6, cmf=False, u2=0.7)
+    assert set(m.fusion_weights()) == {"z_x", "z_y", "z_o"}  # no x_w, x_v, x_g, gate
+    assert not any(hasattr(m, k) for k in ("x_w", "x_v", "x_g", "gate"))
+    regions, rmask, globals_, words, wmask = _inputs(seed=6)
+    V, G = m.encode_images(regions, rmask, globals_)
+    W = m.encode_texts(words, wmask)
+    S = m.score(V, rmask, G, W, wmask, backend="eager")
+    # Spec §6 [choice]: S = u2 S_local + (1 - u2) R(G, l2norm(mean of the valid w_j)), in float64.
+    tv = torch.stack([W[t][wmask[t]].double().mean(0) for t in range(4)])
+    glob = torch.stack([torch.stack([torch.dot(G[i].double(), tv[t]) / (G[i].double().norm() * tv[t].norm())
+                                     for t in range(4)]) for i in range(3)])
+    local = reference_similarity(V, rmask, W, wmask, heads=4, u1=0.5, u2=1.0,
+                                 weights={k: getattr(m, k) for k in ("z_x", "z_y", "z_o")})
+    torch.testing.assert_close(S.double(), 0.7 * local + 0.3 * glob, atol=1e-5, rtol=0)
+    m.score(V, rmask, G, W, wmask, backend="torch").sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with pytest.raises(ValueError, match="no cross-modal fusion"):
+        ACF("acf-code", cmf=False, **DIMS)
+
+
+def test_u_range_and_word_norm_checked(tmp_path):
+    with pytest.raises(ValueError, match="u2"):
+        ACF("paper", u2=1.5, **DIMS)
+    with pytest.raises(ValueError, match="word_norm"):
+        ACF("paper", word_norm="l1", **DIMS)
+    # A checkpoint from before word_norm existed normalised the words in both variants.
+    from safetensors.torch import save_file
+
+    m = _model("acf-code", word_norm="l2")
+    cfg = {k: v for k, v in m.config.items() if k not in ("word_norm", "cmf")}
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(old),
+              metadata={"acf_config": json.dumps(cfg), "format": "pt"})
+    back = ACF.load(old)
+    assert back.word_norm == "l2" and back.cmf
+    assert ACF("acf-code", **DIMS).word_norm == "none" and ACF("paper", **DIMS).word_norm == "l2"
 
 
 def test_gradients_reach_every_parameter():

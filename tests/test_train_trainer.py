@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from acf_fast.train.config import TrainConfig
-from acf_fast.train.trainer import LRFactor, train
+from acf_fast.train.trainer import LRFactor, lr_factor, train
 
 TINY_KNOBS = dict(regions=8, region_dim=32, global_dim=32, objects_per_image=(1, 2), regions_per_object=(1, 2),
                   min_valid_regions=4, short_image_rate=0.3)
@@ -116,7 +116,9 @@ def test_cli_train_ablation_switches(tiny, tmp_path, extra):
     if "--no-cmf" in extra:
         from acf_fast.model import ACF
 
-        assert stored["no_cmf"] and ACF.load(out / "best.safetensors").config["u2"] == 0.0
+        best = ACF.load(out / "best.safetensors")
+        # The fusion is removed (partner-free global score), not the local score.
+        assert stored["no_cmf"] and not best.cmf and best.u2 == 0.8 and not hasattr(best, "x_v")
     assert (out / "best.safetensors").is_file() and (out / "last_state.pt").is_file()
     metrics = json.loads((out / "dev_metrics.json").read_text())  # --eval-test dev
     assert metrics["images"] == 4 and metrics["captions"] == 20 and 0 <= metrics["rsum"] <= 600
@@ -153,6 +155,54 @@ def test_lr_schedules():
     cos = LRFactor("cosine", steps_per_epoch=5, epochs=4, step_epochs=10, floor=1e-4)
     assert cos(0) == 1.0 and math.isclose(cos(10), 0.5 * (1 + 1e-4)) and math.isclose(cos(20), 1e-4)
     assert all(cos(t) >= cos(t + 1) for t in range(25))
+
+
+def test_cosine_floor_is_an_absolute_lr():
+    # The authors' schedule: lr 5e-4 down to 1e-4 over 20 epochs; at epoch 15 it is
+    # 1e-4 + 4e-4 * (1 + cos(0.75 pi)) / 2 = 1.586e-4 (a ratio floor gave 7.3e-5).
+    c = TrainConfig(data="d", out="o", lr=5e-4, schedule="cosine", epochs=20).validate()
+    f = lr_factor(c, steps_per_epoch=10)
+    assert math.isclose(5e-4 * f(150), 1e-4 + 4e-4 * (1 + math.cos(0.75 * math.pi)) / 2, rel_tol=1e-9)
+    assert math.isclose(5e-4 * f(200), 1e-4, rel_tol=1e-9) and math.isclose(5e-4 * f(0), 5e-4)
+    with pytest.raises(ValueError, match="cosine_floor"):
+        TrainConfig(data="d", out="o", lr=5e-5, schedule="cosine").validate()
+
+
+def test_u2_is_trained_stored_and_used_by_evaluate(tiny, tmp_path, capsys):
+    from acf_fast import acf_similarity
+    from acf_fast.cli import main
+    from acf_fast.data import encode_split
+    from acf_fast.model import ACF
+    from acf_fast.scoring import score_split
+    from acf_fast.text_encoder import load_text_encoder
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--u1" in capsys.readouterr().out
+    out = tmp_path / "u2"
+    code = main(["train", "--data", str(tiny[0]), "--encoder", tiny[1], "--out", str(out), "--epochs", "1",
+                 "--batch-size", "16", "--embed-dim", "16", "--heads", "2", "--quiet", "--backend", "torch",
+                 "--u2", "0.6", "--u1", "0.4", "--no-negatives", "--no-positives"])
+    assert code == 0 and json.loads((out / "config.json").read_text())["u2"] == 0.6
+    m = ACF.load(out / "best.safetensors")
+    assert (m.u1, m.u2) == (0.4, 0.6)
+    # `acf-fast evaluate --checkpoint` scores with the stored weights, not the variant's 0.5 / 0.8.
+    data = tiny[0]
+    encode_split(data, "dev", load_text_encoder(tiny[1]), progress=False)
+    got = score_split(out / "best.safetensors", data, "dev", work=tmp_path / "w", backend="eager", progress=False)
+    from acf_fast.data import load_encoded, load_split
+
+    sp = load_split(data, "dev")
+    words, wmask = load_encoded(data, "dev")
+    with torch.no_grad():
+        rmask = None if sp.region_mask is None else torch.from_numpy(np.array(sp.region_mask))
+        V, G = m.encode_images(torch.from_numpy(np.array(sp.regions)), rmask,
+                               None if sp.globals is None else torch.from_numpy(np.array(sp.globals)))
+        W = m.encode_texts(words, wmask)
+        want = {u: acf_similarity(V, rmask, W, wmask, heads=2, u1=u1, u2=u, weights=m.fusion_weights(), G=G,
+                                  backend="eager") for u1, u in ((0.4, 0.6), (0.5, 0.8))}
+    torch.testing.assert_close(got.S, want[0.6], atol=1e-5, rtol=0)
+    assert float((got.S - want[0.8]).abs().max()) > 1e-3
 
 
 def test_finetune_updates_the_encoder(tiny, tmp_path):

@@ -16,9 +16,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="pairs per batch, per process (spec: 64)")
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (spec: 5e-4 COCO, 2e-4 F30K)")
     p.add_argument("--schedule", choices=("step", "cosine"), default="step",
-                   help="step: x0.1 every --step-epochs epochs (paper); cosine: down to lr x --cosine-floor (authors)")
+                   help="step: x0.1 every --step-epochs epochs (paper); cosine: down to the lr --cosine-floor (authors)")
     p.add_argument("--step-epochs", type=int, default=10, help="epochs between x0.1 steps of the step schedule")
-    p.add_argument("--cosine-floor", type=float, default=1e-4, help="final lr / base lr of the cosine schedule")
+    p.add_argument("--cosine-floor", type=float, default=1e-4,
+                   help="absolute final lr of the cosine schedule (authors' code: 1e-4); must be <= --lr")
     p.add_argument("--variant", choices=("paper", "acf-code"), default="paper", help="model variant (spec §3)")
     p.add_argument("--embed-dim", type=int, default=1024, help="shared width D")
     p.add_argument("--heads", type=int, default=8, help="attention heads H (D divisible by H)")
@@ -29,11 +30,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_precision_arg(p, "precision of the test-split scoring (dev validation always uses the default)")
 
 
+def add_score_weight_args(p: argparse.ArgumentParser) -> None:
+    """--u1 / --u2 (train and ablation; the demo keeps the variant's)."""
+    p.add_argument("--u1", type=float, default=None,
+                   help="weight of region->word in the local score, eq. 13 (default: the variant's, 0.5)")
+    p.add_argument("--u2", type=float, default=None,
+                   help="weight of the local score against the global one, eq. 15 (default: the variant's, 0.8; "
+                        "paper: 0.8 COCO, 0.6 Flickr30K); stored in the checkpoint and used by evaluate")
+
+
 def add_ablation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-positives", action="store_true", help="w/o Asymmetry-II positives")
     p.add_argument("--no-negatives", action="store_true", help="w/o Asymmetry-I negatives")
     p.add_argument("--no-cmf", action="store_true",
-                   help="w/o cross-modal fusion in the score: S = S_global only (u2 = 0)")
+                   help="w/o cross-modal fusion (paper variant): S_global = R(G, l2norm(mean of the words)), "
+                        "partner-free, so no attended feature enters it; the local score is kept")
     p.add_argument("--loss", choices=("contrastive", "triplet"), default="contrastive",
                    help="spec §6 contrastive loss, or the VSE++ max-violation triplet loss (margin 0.2)")
     p.add_argument("--negatives", choices=CLI_NEGATIVE_KINDS, default="mixture", help="kind of negatives")
@@ -48,7 +59,7 @@ def config_from_args(args) -> "TrainConfig":
     return TrainConfig(
         data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         schedule=args.schedule, step_epochs=args.step_epochs, cosine_floor=args.cosine_floor,
-        variant=args.variant, embed_dim=args.embed_dim, heads=args.heads, seed=args.seed, device=args.device,
+        variant=args.variant, u1=getattr(args, "u1", None), u2=getattr(args, "u2", None), embed_dim=args.embed_dim, heads=args.heads, seed=args.seed, device=args.device,
         backend=args.backend, loss=args.loss, tau=args.tau, lam=args.lam,
         negatives=None if args.no_negatives else args.negatives,
         positives=None if args.no_positives else args.positives,
@@ -124,5 +135,6 @@ def register(subparsers) -> None:
                    help="after training, evaluate best.safetensors on this split (e.g. test) and write "
                         "RUN/SPLIT_metrics.json")
     add_model_args(p)
+    add_score_weight_args(p)
     add_ablation_args(p)
     p.set_defaults(func=run)

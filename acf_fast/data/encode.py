@@ -5,6 +5,15 @@ bool, and metadata: the encoder's name (folder + content hash), the SHA-256 of t
 captions, ``max_length`` and the count. ``encode_split`` skips the work when all
 of these match, so each caption is encoded once; a changed caption file or another
 encoder makes it encode again. ``load_encoded`` refuses a stale or corrupt cache.
+
+Shuffled captions (the token-shuffle negative of spec §6 with a frozen encoder):
+``encode_split(..., shuffle_seed=s)`` shuffles each caption's inner wordpieces BEFORE
+the encoder (``text_encoder.shuffle_wordpieces``, one seeded draw per caption), encodes
+that once and caches it as ``{split}_shuffled_words.safetensors``, with the shuffled
+``ids`` (M, L) int64 and ``changed`` (M,) bool (False: nothing could move, the text is
+its own shuffle). Its mask equals the captions' (a permutation keeps the length).
+Shuffling the cached features instead would change nothing: ACF has no positional
+term after the encoder, so its score is a function of the SET of word rows.
 """
 from __future__ import annotations
 
@@ -31,8 +40,33 @@ def captions_hash(captions) -> str:
     return h.hexdigest()
 
 
-def cache_path(folder, split: str) -> Path:
-    return Path(folder) / f"{split}_words.safetensors"
+def cache_path(folder, split: str, shuffled: bool = False) -> Path:
+    return Path(folder) / f"{split}_{'shuffled_' if shuffled else ''}words.safetensors"
+
+
+def _wanted(captions, encoder_name: str, max_length: int, shuffle_seed: Optional[int]) -> dict:
+    """The metadata entries that decide whether a cache is up to date."""
+    want = {
+        "cache_version": CACHE_VERSION,
+        "encoder": encoder_name,
+        "captions_sha256": captions_hash(captions),
+        "count": str(len(captions)),
+        "max_length": str(int(max_length)),
+    }
+    if shuffle_seed is not None:
+        want["shuffle_seed"] = str(int(shuffle_seed))
+    return want
+
+
+def cache_is_fresh(folder, split: str, captions, encoder_name: Optional[str], max_length: int,
+                   shuffle_seed: Optional[int] = None) -> bool:
+    """True when ``{split}``'s cache (the shuffled one with ``shuffle_seed``) holds exactly
+    these captions encoded by ``encoder_name`` at ``max_length`` (any storage dtype):
+    callers can then skip even loading the encoder."""
+    if encoder_name is None:
+        return False
+    have = read_cache_metadata(cache_path(folder, split, shuffle_seed is not None)) or {}
+    return all(have.get(k) == v for k, v in _wanted(captions, encoder_name, max_length, shuffle_seed).items())
 
 
 def _read_captions(folder: Path, split: str):
@@ -67,6 +101,7 @@ def encode_split(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
     progress: bool = True,
+    shuffle_seed: Optional[int] = None,
 ) -> Path:
     """Encode ``{split}_caps.txt`` once; write ``{split}_words.safetensors`` atomically.
 
@@ -74,6 +109,8 @@ def encode_split(
         encoder: a ``TextEncoder``, or None / a local folder path to load one.
         dtype: storage dtype of ``words``: torch.float32 or torch.float16.
         force: encode even if the cache is up to date.
+        shuffle_seed: encode the captions with their inner wordpieces shuffled (seeded)
+            instead, into ``{split}_shuffled_words.safetensors`` (see the module docstring).
 
     Returns:
         The cache path (already up to date, or freshly written).
@@ -88,43 +125,72 @@ def encode_split(
     captions = _read_captions(folder, split)
     if not isinstance(encoder, TextEncoder):
         encoder = load_text_encoder(encoder)
-    want = {
-        "cache_version": CACHE_VERSION,
-        "encoder": encoder.name,
-        "captions_sha256": captions_hash(captions),
-        "count": str(len(captions)),
-        "max_length": str(int(max_length)),
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-    path = cache_path(folder, split)
+    want = {**_wanted(captions, encoder.name, max_length, shuffle_seed), "dtype": str(dtype).replace("torch.", "")}
+    path = cache_path(folder, split, shuffle_seed is not None)
     have = read_cache_metadata(path)
     if not force and have is not None and all(have.get(k) == v for k, v in want.items()):
         log.info("%s is up to date; not re-encoding", path)
         return path
-    words, mask = encoder.encode(captions, batch_size=batch_size, max_length=max_length, progress=progress)
+    extra = {}
+    if shuffle_seed is None:
+        words, mask = encoder.encode(captions, batch_size=batch_size, max_length=max_length, progress=progress)
+    else:
+        from ..text_encoder import shuffle_wordpieces
+
+        gen = torch.Generator().manual_seed(int(shuffle_seed))
+        ids, changed = zip(*(shuffle_wordpieces(x, gen) for x in encoder.tokenize(captions, max_length)))
+        words, mask = encoder.encode_ids(ids, batch_size=batch_size, progress=progress)
+        padded = torch.zeros(mask.shape, dtype=torch.int64)
+        for t, x in enumerate(ids):
+            padded[t, : len(x)] = torch.tensor(x, dtype=torch.int64)
+        extra = {"ids": padded, "changed": torch.tensor(changed, dtype=torch.bool)}
     with atomic_path(path) as tmp:
-        save_file({"words": words.to(dtype).contiguous(), "mask": mask.contiguous()}, str(tmp),
+        save_file({"words": words.to(dtype).contiguous(), "mask": mask.contiguous(), **extra}, str(tmp),
                   metadata={**want, "format": "pt"})
     return path
 
 
-def load_encoded(folder, split: str, check_captions: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_encoded(folder, split: str, check_captions: bool = True,
+                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
     """Load cached caption features.
 
+    Args:
+        dtype: of the returned words (float32; float16 keeps a float16 cache's memory).
+
     Returns:
-        words (M, L, Db) float32, mask (M, L) bool.
+        words (M, L, Db) of ``dtype``, mask (M, L) bool.
 
     Raises:
         FileNotFoundError: no cache (run ``acf-fast data encode``).
         ValueError: naming the file, if it is corrupt, inconsistent, or stale (the
             captions changed since it was written).
     """
+    tensors = _load_cache(Path(folder), split, check_captions, dtype, shuffled=False)
+    return tensors["words"], tensors["mask"]
+
+
+def load_shuffled(folder, split: str, check_captions: bool = True,
+                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Load the shuffled-caption cache of ``encode_split(..., shuffle_seed=...)``:
+    (words (M, L, Db) of ``dtype``, mask (M, L) bool, changed (M,) bool). Errors as
+    ``load_encoded``."""
+    tensors = _load_cache(Path(folder), split, check_captions, dtype, shuffled=True)
+    changed = tensors.get("changed")
+    if changed is None or changed.dtype != torch.bool or tuple(changed.shape) != tuple(tensors["mask"].shape[:1]):
+        raise ValueError(f"{cache_path(folder, split, True)}: needs a bool tensor 'changed' with one entry per caption")
+    return tensors["words"], tensors["mask"], changed
+
+
+def _load_cache(folder: Path, split: str, check_captions: bool, dtype: torch.dtype, shuffled: bool) -> dict:
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    path = cache_path(folder, split)
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    path = cache_path(folder, split, shuffled)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `acf-fast data encode {folder} --split {split}` first")
+        how = f"encode_split(folder, {split!r}, shuffle_seed=...)" if shuffled else \
+            f"`acf-fast data encode {folder} --split {split}`"
+        raise FileNotFoundError(f"{path} is missing; run {how} first")
     meta = read_cache_metadata(path)
     try:
         tensors = load_file(str(path))
@@ -139,7 +205,7 @@ def load_encoded(folder, split: str, check_captions: bool = True) -> Tuple[torch
         raise ValueError(f"{path}: words must be float and mask bool, got {words.dtype} and {mask.dtype}")
     if not bool(mask.any(1).all()):
         raise ValueError(f"{path}: a caption has no valid token")
-    words = words.float()
+    words = words.to(dtype)
     if not bool(torch.isfinite(words).all()):
         raise ValueError(f"{path}: word features contain NaN or Inf")
     if check_captions:
@@ -151,4 +217,4 @@ def load_encoded(folder, split: str, check_captions: bool = True) -> Tuple[torch
             )
     if words.shape[0] != int(meta.get("count", words.shape[0])):
         raise ValueError(f"{path}: holds {words.shape[0]} captions but its metadata says {meta.get('count')}")
-    return words, mask
+    return {**tensors, "words": words}

@@ -1,7 +1,8 @@
 """Training of ACF (spec §6): sample generation, loss, trainer, checkpoints, DDP.
 
-    negatives.py    Asymmetry-I: noised token embeddings
+    negatives.py    Asymmetry-I: noised token embeddings (projected features or BERT inputs)
     positives.py    Asymmetry-II: long / short positive texts
+    batches.py      training batches: cached captions, positives, shuffled texts
     loss.py         acf_contrastive_loss (α rule, λ), triplet_loss (VSE++ ablation)
     objective.py    one step's forward: four text sets, one fused score call, loss
     trainer.py      the loop: Adam, schedules, validation, best checkpoint, resume

@@ -15,8 +15,11 @@ class TrainConfig:
     """Every knob of a training run (spec §6 defaults for COCO).
 
     negatives / positives = None switch the generated samples off (the ablations
-    "w/o negatives" / "w/o positives"); ``no_cmf`` scores with the global term only
-    (u2 = 0, see ``trainer.build_model``); ``loss="triplet"`` is the VSE++ ablation.
+    "w/o negatives" / "w/o positives"); ``no_cmf`` removes the cross-modal fusion from
+    the global score (partner-free R(G, l2norm(mean w)), paper variant only, see
+    ``acf_fast.model``); ``loss="triplet"`` is the VSE++ ablation. u1 / u2 (None: the
+    variant's 0.5 / 0.8; the paper uses u2 = 0.6 on Flickr30K) go into the model
+    config, so every checkpoint carries them and evaluation uses them.
     """
 
     data: str
@@ -26,11 +29,13 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 5e-4
-    schedule: str = "step"  # step: x0.1 every step_epochs epochs; cosine: to lr*cosine_floor
+    schedule: str = "step"  # step: x0.1 every step_epochs epochs; cosine: down to cosine_floor
     step_epochs: int = 10
-    cosine_floor: float = 1e-4
+    cosine_floor: float = 1e-4  # ABSOLUTE final lr of the cosine schedule (authors' code)
     grad_clip: float = 2.0
     variant: str = "paper"
+    u1: Optional[float] = None
+    u2: Optional[float] = None
     embed_dim: int = 1024
     heads: int = 8
     loss: str = "contrastive"
@@ -79,6 +84,14 @@ class TrainConfig:
             bad("lam", "in [0, 1]")
         if self.step_epochs < 1:
             bad("step_epochs", ">= 1")
+        if self.schedule == "cosine" and not 0 <= self.cosine_floor <= self.lr:
+            bad("cosine_floor", f"an absolute lr in [0, lr = {self.lr}] (the cosine schedule ends there)")
+        for name in ("u1", "u2"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
+                bad(name, "None (the variant's) or in [0, 1]")
+        if self.no_cmf and self.variant != "paper":
+            bad("no_cmf", "False with the acf-code variant: its global score is already the partner-free "
+                          "G · l2norm(mean w), there is no cross-modal fusion to remove")
         return self
 
     def to_dict(self) -> dict:

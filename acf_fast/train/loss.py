@@ -10,9 +10,15 @@ Score blocks are (B, B) float tensors from ``acf_similarity``: row = image, colu
     L       = mean_b [λ L_I(b) + (1-λ) L_II(b)]
 
 α_bn = 0 where Sn[b,n] > Sa[b,b], else 1, decided on detached scores (no
-gradient through α); α multiplies the exp term, so a dropped negative is simply
-absent from the denominator. n runs over the whole batch for Sn (n = b is the
-noised own caption, the hard negative Asymmetry-I is about).
+gradient through α); α multiplies the exp term (spec §6), so a dropped negative is
+simply absent from the denominator. [departure from the authors' code, documented]
+The authors' code zeroes the SCORE instead, which leaves exp(0 / τ) = 1 in the
+denominator for every dropped negative; we follow the paper and the spec. n runs
+over the whole batch for Sn (n = b is the noised own caption, the hard negative
+Asymmetry-I is about). [choice] A negative that could not be perturbed (``Sn_valid``
+False: e.g. a shuffle of a text with one inner wordpiece) is the caption itself, not
+a negative: its column gets α = 0 too, rather than leaving it to rounding whether
+Sn[b,b] ties Sa[b,b] (which would put a log 2 floor on that sample).
 Eq. 17's S(T̂ₙ⁺, T⁺) is read as S(Îₙ, T⁺) [spec choice]: the image side of L_II
 uses the column of Sp.
 
@@ -59,9 +65,10 @@ def same_image_mask(image_ids: Optional[torch.Tensor], B: int, device) -> Option
 
 
 def contrastive_term(Sa: torch.Tensor, Sn: Optional[torch.Tensor], tau: float,
-                     same: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     same: Optional[torch.Tensor] = None, Sn_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample L_I (or L_II given Sp, Spn): (B,) float32 (float64 for float64 input).
-    ``same`` (B, B) bool: entries left out of Sa (see :func:`same_image_mask`)."""
+    ``same`` (B, B) bool: entries left out of Sa (see :func:`same_image_mask`).
+    Sn_valid (B,) bool or None: False drops column n of Sn (its text was not perturbed)."""
     Sa = _compute(Sa) / tau
     diag = Sa.diagonal()
     if same is not None:
@@ -71,6 +78,8 @@ def contrastive_term(Sa: torch.Tensor, Sn: Optional[torch.Tensor], tau: float,
     if Sn is not None:
         Sn = _compute(Sn) / tau
         keep = Sn.detach() <= diag.detach()[:, None]  # α_bn = 1
+        if Sn_valid is not None:
+            keep = keep & Sn_valid.to(device=keep.device, dtype=torch.bool)[None, :]
         row = torch.cat([Sa, Sn.masked_fill(~keep, float("-inf"))], dim=1)
     txt_side = torch.logsumexp(row, dim=1) - diag  # texts (and negatives) compete for image b
     return img_side + txt_side
@@ -78,7 +87,9 @@ def contrastive_term(Sa: torch.Tensor, Sn: Optional[torch.Tensor], tau: float,
 
 def acf_contrastive_loss(Sa: torch.Tensor, Sn: Optional[torch.Tensor] = None, Sp: Optional[torch.Tensor] = None,
                          Spn: Optional[torch.Tensor] = None, *, tau: float = DEFAULT_TAU,
-                         lam: float = DEFAULT_LAMBDA, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         lam: float = DEFAULT_LAMBDA, image_ids: Optional[torch.Tensor] = None,
+                         Sn_valid: Optional[torch.Tensor] = None,
+                         Spn_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spec §6 loss, a float32 scalar (float64 for float64 blocks).
 
     Args:
@@ -87,12 +98,17 @@ def acf_contrastive_loss(Sa: torch.Tensor, Sn: Optional[torch.Tensor] = None, Sp
         Spn: (B, B) S(I, T̃⁻) or None (needs Sp; None with Sp given = w/o negatives).
         tau: softmax temperature (> 0). lam: weight λ of L_I in [0, 1].
         image_ids: (B,) integer image of each pair, or None (all distinct).
+        Sn_valid, Spn_valid: (B,) bool or None (all valid): False where text n's
+            negative is the text itself (nothing could be perturbed); α_bn = 0 there.
     """
     _check_block("Sa", Sa)
     B = Sa.shape[0]
     for name, S in (("Sn", Sn), ("Sp", Sp), ("Spn", Spn)):
         if S is not None:
             _check_block(name, S, B)
+    for name, v in (("Sn_valid", Sn_valid), ("Spn_valid", Spn_valid)):
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (B,)):
+            raise ValueError(f"{name} must be a (B,) = ({B},) bool tensor, got {getattr(v, 'shape', type(v).__name__)}")
     if Spn is not None and Sp is None:
         raise ValueError("Spn (noised positives) given without Sp (positives)")
     if (Sn is None) != (Spn is None) and Sp is not None:
@@ -102,10 +118,10 @@ def acf_contrastive_loss(Sa: torch.Tensor, Sn: Optional[torch.Tensor] = None, Sp
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     same = same_image_mask(image_ids, B, Sa.device)
-    l1 = contrastive_term(Sa, Sn, tau, same)
+    l1 = contrastive_term(Sa, Sn, tau, same, Sn_valid)
     if Sp is None:
         return l1.mean()
-    l2 = contrastive_term(Sp, Spn, tau, same)
+    l2 = contrastive_term(Sp, Spn, tau, same, Spn_valid)
     return (lam * l1 + (1.0 - lam) * l2).mean()
 
 
@@ -116,8 +132,10 @@ def triplet_loss(S: torch.Tensor, margin: float = DEFAULT_MARGIN,
     For each matched pair, the hardest negative text (row) and the hardest negative
     image (column) each add max(0, margin + S_neg - S_pos). Averaged over the batch
     [choice] (VSE++ sums): the same per-sample scale as the contrastive loss in the
-    logs; Adam is invariant to the factor B. ``image_ids`` (B,): pairs of one image
-    are not each other's negatives."""
+    logs. Not a neutral choice: Adam alone would be invariant to the constant factor
+    B, but the gradient clip (2.0) comes first, and a B-times larger summed gradient
+    is clipped on more steps, so sum and mean train differently. ``image_ids`` (B,):
+    pairs of one image are not each other's negatives."""
     _check_block("S", S)
     S = _compute(S)
     diag = S.diagonal()

@@ -1,15 +1,21 @@
-"""Asymmetry-I negatives (spec §6): perturb token embeddings of a text batch.
+"""Asymmetry-I negatives (spec §6): perturb the token embeddings of a text batch.
 
-They act on token embeddings: the cached word features Hb (M, L, Db) of a frozen
-encoder (the authors' code, default on CPU), or BERT's ``inputs_embeds`` when the
-encoder runs in the loop (the paper). Only valid non-special tokens change: the
-first valid token ([CLS]) and the last valid token ([SEP]) of each row and the
-padding stay as they are. A text with no valid non-special token is returned
-unchanged (nothing can be perturbed without touching the specials).
+Where they act (spec §6), never on the encoder output Hb itself:
+    - frozen encoder, cached Hb (the default; the authors' code): on the projected
+      word features P = Hb Wt + bt, before any l2norm (``ACF.project_texts``), so a
+      cut token is a zero word vector and the noise is on the scale of W;
+    - encoder in the loop (``--finetune``; the paper): on BERT's input embeddings.
+Only valid non-special tokens change: the first valid token ([CLS]) and the last
+valid token ([SEP]) of each row and the padding stay as they are.
 
 Kinds (``NEGATIVE_KINDS``):
     gaussian        x + N(0, sigma²), sigma = 0.1  [spec choice; authors σ = 1 on W]
-    shuffle         the valid non-special token rows permuted
+    shuffle         the inner wordpieces permuted BEFORE the encoder: the caller
+                    passes the encoded shuffled texts (``shuffled``), cached once with
+                    a frozen encoder (``data.encode_split(shuffle_seed=...)``) or
+                    embedded per access in the loop. Permuting rows of cached features
+                    would change nothing: ACF's score is a function of the SET of word
+                    rows (no positional term after the encoder).
     token_cutoff    one valid non-special token row zeroed
     feature_cutoff  one feature column zeroed on the valid non-special tokens
     cutoff          token_cutoff or feature_cutoff, one of the two per sample
@@ -19,16 +25,9 @@ Kinds (``NEGATIVE_KINDS``):
                     per sample (the spec's "one of the four"; cutoff then picks
                     token or feature cutoff) [choice]
 
-Note: ACF's score is a function of the SET of word rows (attention and means are
-permutation invariant), so ``shuffle`` on cached features of a frozen encoder
-yields S(I, T⁻) = S(I, T) up to rounding: a no-op negative (its α is decided by
-rounding noise). It only bites in the loop, where BERT's position embeddings
-turn a shuffled input into different features.
-
-With cached features the trainer takes a token cut by ``token_cutoff`` out of
-the mask (see ``objective.Objective``): a zero feature row maps to W = l2norm(bias),
-singular while the bias is near zero. In the loop the zeroed input embedding still
-gets BERT's position embeddings, as in the cutoff paper.
+A text with nothing to perturb (no inner token; for shuffle fewer than two distinct
+inner wordpieces) comes back as itself, and ``make_negatives`` reports it in
+``changed`` so the loss can leave that copy of the caption out (``loss.py``).
 
 Every random draw comes from the caller's ``torch.Generator`` (a CPU generator;
 draws are made on the CPU and moved), so a run is reproducible and resumable.
@@ -36,7 +35,7 @@ All operations are differentiable with respect to ``x`` (needed in the loop).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,6 +46,11 @@ _FAMILIES = ("gaussian", "shuffle", "cutoff", "dropout")
 
 GAUSSIAN_SIGMA = 0.1
 DROPOUT_P = 0.1
+
+
+def uses_shuffle(kind: Optional[str]) -> bool:
+    """True when negatives of ``kind`` need the shuffled texts."""
+    return kind in ("shuffle", "mixture")
 
 
 def perturbable_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -82,20 +86,6 @@ def gaussian(x, inner, gen, sigma=GAUSSIAN_SIGMA):
     return x + sigma * noise * inner[..., None].to(x.dtype)
 
 
-def shuffle(x, inner, gen):
-    # Per-row permutation of the inner positions: sort random keys among inner
-    # positions only, so outer positions (specials, padding) map to themselves.
-    B, L = inner.shape
-    keys = _rand((B, L), gen, x.device)
-    pos = torch.arange(L, device=x.device).expand(B, L)
-    src = pos.clone()
-    for b in range(B):  # B is a batch (64): a short loop, kept simple on purpose
-        idx = inner[b].nonzero().squeeze(1)
-        if idx.numel() > 1:
-            src[b, idx] = idx[keys[b, idx].argsort()]
-    return torch.gather(x, 1, src[..., None].expand_as(x))
-
-
 def token_cutoff(x, inner, gen):
     pick = _pick_one(inner, gen)
     hit = torch.zeros_like(inner)
@@ -125,7 +115,6 @@ def dropout(x, inner, gen, p=DROPOUT_P):
 
 _OPS = {
     "gaussian": gaussian,
-    "shuffle": shuffle,
     "token_cutoff": token_cutoff,
     "feature_cutoff": feature_cutoff,
     "cutoff": cutoff,
@@ -134,32 +123,52 @@ _OPS = {
 
 
 def make_negatives(x: torch.Tensor, mask: torch.Tensor, kind: str, gen: torch.Generator,
-                   inner: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   inner: Optional[torch.Tensor] = None, shuffled: Optional[torch.Tensor] = None,
+                   shuffled_changed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Perturb token embeddings into negatives.
 
     Args:
-        x: (B, L, D) float token embeddings (cached encoder features or inputs_embeds).
+        x: (B, L, D) float token embeddings (projected features P or inputs_embeds).
         mask: (B, L) bool, True at valid tokens ([CLS] and [SEP] included).
         kind: one of ``NEGATIVE_KINDS``.
         gen: CPU ``torch.Generator`` supplying every random draw.
         inner: optional precomputed ``perturbable_mask(mask)``.
+        shuffled: (B, L, D) the same texts with their inner wordpieces shuffled before
+            the encoder, in x's space (same mask); required by "shuffle" and "mixture".
+        shuffled_changed: (B,) bool, False where the shuffle left the text as it was
+            (None: all True).
 
     Returns:
-        (B, L, D) tensor of x's dtype and device; rows outside the valid
-        non-special tokens equal x exactly.
+        (negatives (B, L, D) of x's dtype and device, changed (B,) bool): rows
+        outside the valid non-special tokens equal x exactly (the shuffled rows come
+        from ``shuffled``); changed is False for a text returned as itself.
     """
     if kind not in NEGATIVE_KINDS:
         raise ValueError(f"negatives kind must be one of {NEGATIVE_KINDS}, got {kind!r}")
     if x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(f"x must be (B, L, D) and mask (B, L); got {tuple(x.shape)} and {tuple(mask.shape)}")
+    B = x.shape[0]
+    if uses_shuffle(kind):
+        if shuffled is None or tuple(shuffled.shape) != tuple(x.shape):
+            raise ValueError(
+                f"negatives {kind!r} need shuffled: the texts shuffled BEFORE the encoder, shape {tuple(x.shape)} "
+                f"(got {None if shuffled is None else tuple(shuffled.shape)}); shuffling encoded rows is a no-op for ACF")
+        if shuffled_changed is None:
+            shuffled_changed = torch.ones(B, dtype=torch.bool)
+        shuffled_changed = shuffled_changed.to(device=x.device, dtype=torch.bool)
     if inner is None:
         inner = perturbable_mask(mask)
+    if kind == "shuffle":
+        return shuffled.to(x.dtype), shuffled_changed.clone()
     if kind != "mixture":
-        return _OPS[kind](x, inner, gen)
-    choice = (torch.rand(x.shape[0], generator=gen) * len(_FAMILIES)).long().clamp_(max=len(_FAMILIES) - 1)
+        out = _OPS[kind](x, inner, gen)
+        return out, (out != x).flatten(1).any(1)
+    choice = (torch.rand(B, generator=gen) * len(_FAMILIES)).long().clamp_(max=len(_FAMILIES) - 1).to(x.device)
     out = x
     for f, fam in enumerate(_FAMILIES):
-        rows = (choice == f).to(x.device)
+        rows = choice == f
         if bool(rows.any()):
-            out = torch.where(rows[:, None, None], _OPS[fam](x, inner, gen), out)
-    return out
+            y = shuffled.to(x.dtype) if fam == "shuffle" else _OPS[fam](x, inner, gen)
+            out = torch.where(rows[:, None, None], y, out)
+    took_shuffle = choice == _FAMILIES.index("shuffle")
+    return out, torch.where(took_shuffle, shuffled_changed, (out != x).flatten(1).any(1))

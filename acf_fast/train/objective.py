@@ -6,10 +6,12 @@ the text encoder's).
 
 Per batch of B pairs (I_b, T_b) the texts are, in this order,
     T (captions), T⁻ (negatives of T), T⁺ (positives), T̃⁻ (negatives of T⁺),
-the ones switched off left out. A text and its negative are padded to one length,
-concatenated and scored against the B images with one ``acf_similarity`` call
-(``model.score``); so are the positive and its negative. S (B, nB) is then cut
-into the B×B blocks Sa, Sn, Sp, Spn.
+the ones switched off left out. Negatives act on the projected word features
+P = Hb Wt + bt (cached features) or on BERT's input embeddings (in the loop), see
+``negatives``. A text and its negative are padded to one length, concatenated,
+finished into W (``ACF.finish_texts``) and scored against the B images with one
+``acf_similarity`` call (``model.score``); so are the positive and its negative.
+S (B, nB) is then cut into the B×B blocks Sa, Sn, Sp, Spn.
 """
 from __future__ import annotations
 
@@ -66,47 +68,57 @@ class Objective(nn.Module):
         self.text_model = encoder.model if encoder is not None else None
 
     def _texts(self, batch: dict, key: str, gen: torch.Generator, noised: bool):
-        """Clean and optionally noised encoder features (x (B, L, Db), mask) for one text set."""
+        """Projected features P (B, L, D) and mask of one text set, and when ``noised``
+        its negatives (P⁻, mask, changed (B,) bool).
+
+        Batch keys (``key`` = "" for captions, "pos_" for positives): cached
+        ``{key}words`` (B, L, Db) + ``{key}mask``, or in the loop ``{key}input_ids`` +
+        ``{key}mask``; for shuffle negatives also ``{key}shuf_words`` (cached encodings
+        of the shuffled texts) or ``{key}shuf_input_ids``, with ``{key}shuf_changed``."""
+        mask = batch[f"{key}mask"]
+        shuf_changed = batch.get(f"{key}shuf_changed")
         if self.encoder is None:
-            x, mask = batch[f"{key}words"], batch[f"{key}mask"]
+            P = self.model.project_texts(batch[f"{key}words"])
             if not noised:
-                return (x, mask), None
-            neg = make_negatives(x, mask, self.negatives, gen)
-            # A token row zeroed in the CACHED features (token cutoff) is taken out of
-            # the mask: its W row would be l2norm(bias) of a near-zero bias, whose
-            # gradient is ~1/‖bias‖ (1e8 at init) and would swamp the clipped step.
-            # Encoder outputs are never exactly zero, so only cut tokens are removed.
-            return (x, mask), (neg, mask & neg.ne(0).any(-1))
-        ids, mask = batch[f"{key}input_ids"], batch[f"{key}mask"]
-        emb = self.encoder.input_embeddings(ids)
-        clean = self.encoder.from_embeds(emb, mask)
+                return (P, mask), None
+            shuf = batch.get(f"{key}shuf_words")
+            shuf = None if shuf is None else self.model.project_texts(shuf)
+            neg, changed = make_negatives(P, mask, self.negatives, gen, shuffled=shuf, shuffled_changed=shuf_changed)
+            return (P, mask), (neg, mask, changed)
+        emb = self.encoder.input_embeddings(batch[f"{key}input_ids"])
+        P = self.model.project_texts(self.encoder.from_embeds(emb, mask))
         if not noised:
-            return (clean, mask), None
-        neg = self.encoder.from_embeds(make_negatives(emb, mask, self.negatives, gen, perturbable_mask(mask)), mask)
-        return (clean, mask), (neg, mask)
+            return (P, mask), None
+        shuf = batch.get(f"{key}shuf_input_ids")
+        shuf = None if shuf is None else self.encoder.input_embeddings(shuf)
+        neg_emb, changed = make_negatives(emb, mask, self.negatives, gen, perturbable_mask(mask), shuffled=shuf,
+                                          shuffled_changed=shuf_changed)
+        return (P, mask), (self.model.project_texts(self.encoder.from_embeds(neg_emb, mask)), mask, changed)
 
     def forward(self, batch: Dict[str, torch.Tensor], gen: torch.Generator):
         """batch: regions (B, K, Dv), region_mask (B, K)|None, globals (B, Dg)|None, image_ids
         (B,) long|None (the image of each pair), and
         either words/mask (+ pos_words/pos_mask) cached features or input_ids/mask
-        (+ pos_input_ids/pos_mask) token ids. Returns (loss scalar float32, blocks dict)."""
+        (+ pos_input_ids/pos_mask) token ids, plus the shuffled texts shuffle negatives
+        need (see ``_texts``). Returns (loss scalar float32, blocks dict)."""
         V, G = self.model.encode_images(batch["regions"], batch.get("region_mask"), batch.get("globals"))
         noised = self.negatives is not None
         # Texts are scored in groups of one source (T with T⁻, T⁺ with T̃⁻): a group
         # pads to its own length, and the pair cost grows with L², so long positives
         # do not inflate the captions' blocks.
-        groups, names = [], []
-        clean, neg = self._texts(batch, "", gen, noised)
-        groups.append([clean] + ([neg] if neg is not None else []))
-        names += ["Sa"] + (["Sn"] if neg is not None else [])
-        if self.positives:
-            pclean, pneg = self._texts(batch, "pos_", gen, noised)
-            groups.append([pclean] + ([pneg] if pneg is not None else []))
-            names += ["Sp"] + (["Spn"] if pneg is not None else [])
+        groups, names, valid = [], [], {}
+        for key, clean_name, neg_name in (("", "Sa", "Sn"), ("pos_", "Sp", "Spn")):
+            if key and not self.positives:
+                continue
+            clean, neg = self._texts(batch, key, gen, noised)
+            groups.append([clean] + ([neg[:2]] if neg is not None else []))
+            names += [clean_name] + ([neg_name] if neg is not None else [])
+            if neg is not None:
+                valid[neg_name] = neg[2]
         cols = []
         for texts in groups:
-            words, wmask = pad_cat(texts)
-            W = self.model.encode_texts(words, wmask)
+            P, wmask = pad_cat(texts)
+            W = self.model.finish_texts(P, wmask)
             cols.append(self.model.score(V, batch.get("region_mask"), G, W, wmask, backend=self.backend).float())
         S = torch.cat(cols, dim=1)
         B = V.shape[0]
@@ -116,5 +128,6 @@ class Objective(nn.Module):
             loss = triplet_loss(blocks["Sa"], self.margin, image_ids=ids)
         else:
             loss = acf_contrastive_loss(blocks["Sa"], blocks.get("Sn"), blocks.get("Sp"), blocks.get("Spn"),
-                                        tau=self.tau, lam=self.lam, image_ids=ids)
+                                        tau=self.tau, lam=self.lam, image_ids=ids, Sn_valid=valid.get("Sn"),
+                                        Spn_valid=valid.get("Spn"))
         return loss, blocks

@@ -13,8 +13,8 @@ paired with its image, in a seeded per-epoch order; the last partial batch is
 dropped (a contrastive batch needs its negatives).
 
 Randomness: model init from ``seed``; the epoch order from ``DistributedSampler``
-(seed, epoch); the negatives / positive choices from a ``torch.Generator`` seeded
-by (seed, epoch, rank). Everything a step draws is thus fixed by (seed, epoch,
+(seed, epoch); the negatives, the positive kinds and the long positives' partners
+from a ``torch.Generator`` seeded by (seed, epoch, rank) (see ``batches``). Everything a step draws is thus fixed by (seed, epoch,
 step), so resuming at an epoch boundary reproduces the uninterrupted run exactly
 on the CPU; the global RNG states are saved and restored as well.
 """
@@ -36,7 +36,7 @@ from acf_fast.scoring import image_tensors, score_items
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .objective import Objective
-from .positives import build_positive_texts
+from .batches import TrainData
 
 # Settings a resumed run takes from the given config (None = keep the stored
 # value); everything else comes from the run's stored config.json.
@@ -44,23 +44,23 @@ RESUME_OVERRIDES = ("epochs", "stop_after_epochs", "progress", "device", "backen
 
 
 def build_model(cfg: TrainConfig, region_dim: int, global_dim: int, text_dim: int):
-    """A fresh ACF for ``cfg`` (seeded). ``no_cmf`` -> u2 = 0: the score is the global
-    term alone [choice]. For the paper variant that global term is still the pairwise
-    fused one (it is built from the attended features, so the attention stays and
-    only the local-score term is dropped); for acf-code it is Gi·Gt of the per-item
-    vectors, i.e. no cross-modal attention at all."""
+    """A fresh ACF for ``cfg`` (seeded), with its u1 / u2 (None: the variant's) stored
+    in the model config and so in every checkpoint. ``no_cmf`` removes the cross-modal
+    fusion: S_global = R(G, l2norm(mean w)), partner-free (spec §6 [choice], ``ACF``)."""
     from acf_fast.model import ACF
 
     torch.manual_seed(cfg.seed)
     return ACF(variant=cfg.variant, embed_dim=cfg.embed_dim, heads=cfg.heads, region_dim=region_dim,
-               global_dim=global_dim, text_dim=text_dim, u2=0.0 if cfg.no_cmf else None)
+               global_dim=global_dim, text_dim=text_dim, u1=cfg.u1, u2=cfg.u2, cmf=not cfg.no_cmf)
 
 
 class LRFactor:
     """Multiplier of the base lr at optimiser step ``t`` (a class so LambdaLR saves it).
 
     step:   0.1 ** (epoch // step_epochs)            (paper)
-    cosine: floor + (1 - floor) · ½(1 + cos(π t / T)) (authors' code; floor = final / base)
+    cosine: floor + (1 - floor) · ½(1 + cos(π t / T)) (authors' code) with floor the
+            RATIO final lr / base lr; ``lr_factor`` builds it from the config's
+            absolute floor (1e-4 by default, as the authors').
     """
 
     def __init__(self, schedule: str, steps_per_epoch: int, epochs: int, step_epochs: int, floor: float):
@@ -72,130 +72,6 @@ class LRFactor:
             return 0.1 ** ((t // max(1, self.steps_per_epoch)) // self.step_epochs)
         frac = min(1.0, t / max(1, self.steps_per_epoch * self.epochs))
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def encode_positives(texts, encoder_getter, folder: Path, name: str, max_length: int, progress: bool,
-                     encoder_name: Optional[str] = None):
-    """Encode positive texts once through the shared caption cache (``encode_split``).
-
-    They are written as the pseudo-split ``name`` (``{name}_caps.txt``) of ``folder``
-    (``<data>/positives/``). When the cache already holds these texts, encoded by
-    ``encoder_name`` (the encoder recorded in the captions' own cache) with this
-    ``max_length``, the encoder is not even loaded. Returns (words (M, L, Db)
-    float32, mask (M, L) bool)."""
-    from acf_fast.data import encode_split, load_encoded
-    from acf_fast.data.encode import cache_path, captions_hash, read_cache_metadata
-
-    caps = folder / f"{name}_caps.txt"
-    if not caps.is_file() or caps.read_text(encoding="utf-8") != "".join(t + "\n" for t in texts):
-        atomic_write_lines(caps, texts)
-    meta = read_cache_metadata(cache_path(folder, name)) or {}
-    fresh = (encoder_name is not None and meta.get("encoder") == encoder_name
-             and meta.get("captions_sha256") == captions_hash(texts) and meta.get("max_length") == str(max_length))
-    if not fresh:
-        encode_split(folder, name, encoder_getter(), max_length=max_length, dtype=torch.float16, progress=progress)
-    return load_encoded(folder, name)
-
-
-def _rows(words, mask, idx):
-    """Rows idx of cached features, trimmed to the batch's longest text; float32."""
-    m = mask[idx]
-    L = int(m.any(0).nonzero().max()) + 1
-    return words[idx, :L].float(), m[:, :L]
-
-
-def _pad_ids(ids_list, pad_id: int):
-    L = max(len(x) for x in ids_list)
-    ids = torch.full((len(ids_list), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids_list), L, dtype=torch.bool)
-    for r, x in enumerate(ids_list):
-        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[r, : len(x)] = True
-    return ids, mask
-
-
-class TrainData:
-    """The training split, its text features (frozen) or captions (fine-tuned), positives."""
-
-    def __init__(self, cfg: TrainConfig, encoder_getter, log):
-        from acf_fast.data import encode_split, load_encoded, load_split
-
-        self.cfg = cfg
-        self.split = load_split(cfg.data, cfg.train_split)
-        t2i = np.asarray(self.split.txt2img, dtype=np.int64)
-        self.txt2img = t2i
-        n_img = self.split.regions.shape[0]
-        keep = n_img if cfg.train_images is None else min(cfg.train_images, n_img)
-        self.captions_idx = np.flatnonzero(t2i < keep)
-        if len(self.captions_idx) < cfg.batch_size:
-            raise ValueError(f"the training split has {len(self.captions_idx)} captions, fewer than batch_size={cfg.batch_size}")
-        self.encoder = None
-        if cfg.finetune:
-            self.encoder = encoder_getter()
-        else:
-            folder = Path(cfg.data)
-            if not (folder / f"{cfg.train_split}_words.safetensors").is_file():
-                encode_split(folder, cfg.train_split, encoder_getter())
-            self.words, self.mask = load_encoded(folder, cfg.train_split)
-        self.pos = None
-        words_encoder = None
-        if not cfg.finetune:
-            from acf_fast.data.encode import cache_path, read_cache_metadata
-
-            words_encoder = (read_cache_metadata(cache_path(cfg.data, cfg.train_split)) or {}).get("encoder")
-        if cfg.positives is not None and cfg.loss != "triplet":
-            texts = build_positive_texts(self.split.captions, t2i, cfg.seed)
-            kinds = ("long", "short") if cfg.positives == "both" else (cfg.positives,)
-            self.pos_texts = {k: texts[k] for k in kinds}
-            if not cfg.finetune:
-                self.pos = {}
-                for k in kinds:
-                    name = f"{cfg.train_split}_{k}_s{cfg.seed}"
-                    log(f"positives ({k}): {len(texts[k])} texts, cached as {Path(cfg.data) / 'positives' / name}")
-                    # A long positive holds two captions: give it room for both.
-                    mlen = 2 * cfg.max_length if k == "long" else cfg.max_length
-                    self.pos[k] = encode_positives(texts[k], encoder_getter, Path(cfg.data) / "positives", name,
-                                                   mlen, cfg.progress, words_encoder)
-
-    def __len__(self) -> int:
-        return len(self.captions_idx)
-
-    def _pick_kinds(self, B: int, gen: torch.Generator):
-        if self.cfg.positives == "both":
-            return ["long" if c else "short" for c in (torch.rand(B, generator=gen) < 0.5).tolist()]
-        return [self.cfg.positives] * B
-
-    def batch(self, positions, gen: torch.Generator, device) -> dict:
-        """positions: indices into the training captions -> a batch dict for ``Objective``."""
-        caps = self.captions_idx[np.asarray(positions)]
-        imgs = self.txt2img[caps]
-        regions, rmask, glob = image_tensors(self.split, imgs, device)
-        out = {"regions": regions, "region_mask": rmask, "globals": glob, "image_ids": torch.from_numpy(imgs).to(device)}
-        cidx = torch.from_numpy(caps)
-        if self.encoder is None:
-            w, m = _rows(self.words, self.mask, cidx)
-            out["words"], out["mask"] = w.to(device), m.to(device)
-        else:
-            tok = self.encoder.tokenize([self.split.captions[c] for c in caps], self.cfg.max_length)
-            ids, m = _pad_ids(tok, self.encoder.tokenizer.pad_token_id or 0)
-            out["input_ids"], out["mask"] = ids.to(device), m.to(device)
-        if self.cfg.positives is not None and self.cfg.loss != "triplet":
-            kinds = self._pick_kinds(len(caps), gen)
-            if self.encoder is None:
-                parts = {k: _rows(*self.pos[k], cidx) for k in set(kinds)}
-                L = max(p[0].shape[1] for p in parts.values())
-                w = torch.zeros(len(caps), L, parts[kinds[0]][0].shape[2])
-                m = torch.zeros(len(caps), L, dtype=torch.bool)
-                for r, k in enumerate(kinds):
-                    pw, pm = parts[k]
-                    w[r, : pw.shape[1]], m[r, : pm.shape[1]] = pw[r], pm[r]
-                L = int(m.any(0).nonzero().max()) + 1
-                out["pos_words"], out["pos_mask"] = w[:, :L].to(device), m[:, :L].to(device)
-            else:
-                texts = [self.pos_texts[k][c] for k, c in zip(kinds, caps)]
-                ids, m = _pad_ids(self.encoder.tokenize(texts, 2 * self.cfg.max_length), self.encoder.tokenizer.pad_token_id or 0)
-                out["pos_input_ids"], out["pos_mask"] = ids.to(device), m.to(device)
-        return out
 
 
 class DevData:
@@ -321,8 +197,7 @@ class Trainer:
         split = data.split
         region_dim = split.regions.shape[2]
         global_dim = split.globals.shape[1] if split.globals is not None else region_dim
-        text_dim = data.words.shape[2] if not cfg.finetune else data.encoder.dim
-        model = build_model(cfg, region_dim, global_dim, text_dim).to(dev)
+        model = build_model(cfg, region_dim, global_dim, data.text_dim).to(dev)
         self.model = model
         encoder = None
         if cfg.finetune:
@@ -339,8 +214,7 @@ class Trainer:
         steps_per_epoch = len(sampler) // cfg.batch_size
         if steps_per_epoch < 1:
             raise ValueError(f"{len(sampler)} captions per process is less than one batch of {cfg.batch_size}")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, LRFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.step_epochs, cfg.cosine_floor))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
         start_epoch, step, best = 0, 0, -1.0
         if self.resume:
             state = checkpoint.load_state(self.run_dir)
@@ -409,6 +283,11 @@ class Trainer:
             if cfg.stop_after_epochs is not None and epoch + 1 >= cfg.stop_after_epochs:
                 break
         return self.run_dir
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> LRFactor:
+    """The schedule of ``cfg``: for cosine, down to the absolute lr ``cfg.cosine_floor``."""
+    return LRFactor(cfg.schedule, steps_per_epoch, cfg.epochs, cfg.step_epochs, cfg.cosine_floor / cfg.lr)
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
