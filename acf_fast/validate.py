@@ -156,7 +156,7 @@ def check_txt2img(txt2img, N: Optional[int] = None, M: Optional[int] = None, nam
     if isinstance(txt2img, np.ndarray):
         if not np.issubdtype(txt2img.dtype, np.integer):
             raise ValueError(f"{name} must hold integer image ids, got dtype {txt2img.dtype}")
-        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img))
+        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img, dtype=txt2img.dtype.newbyteorder("=")))
     if not isinstance(txt2img, torch.Tensor) or txt2img.dtype.is_floating_point or txt2img.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D array of integer image ids")
     if txt2img.dim() != 1 or (M is not None and txt2img.numel() != M):
