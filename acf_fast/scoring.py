@@ -151,14 +151,16 @@ def model_fingerprint(model) -> str:
 
 
 def data_fingerprint(folder, split: str) -> list:
-    """[name, size, sha256] of every ``{split}_*`` file in the folder: the content, not
-    the times (``cp -p`` keeps an mtime over new bytes), hashed once per process and
-    file state (:mod:`acf_fast.file_digest`)."""
+    """[name, size, sha256] of each file of the split that exists (``data.scan.SPLIT_FILES``):
+    the content, not the times (``cp -p`` keeps an mtime over new bytes), hashed once
+    per process and file state (:mod:`acf_fast.file_digest`)."""
+    from .data.scan import SPLIT_FILES
     from .file_digest import file_sha256
 
     out = []
-    for p in sorted(Path(folder).glob(f"{split}_*")):
-        if p.is_file() and ".tmp" not in p.name:
+    for name in SPLIT_FILES:
+        p = Path(folder) / f"{split}_{name}"
+        if p.is_file():
             out.append([p.name, p.stat().st_size, file_sha256(p)])
     return out
 

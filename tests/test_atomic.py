@@ -12,6 +12,8 @@ from acf_fast.cli import main
 
 from test_evaluate_cli import planted
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 
 def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)

@@ -17,6 +17,8 @@ from acf_fast.evaluate import kfold_metrics, recall_metrics
 
 from test_evaluate_cli import direct_scores, planted, save_model, write_split
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 
 def digest(path):
     return path.read_bytes() if path.is_file() else None

@@ -197,7 +197,9 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
         c["run_dir"].mkdir(parents=True, exist_ok=True)
         t = time.time()
         with open(c["run_dir"] / "ablation_log.txt", "w", encoding="utf-8") as log:
-            code = subprocess.call([sys.executable, "-m", "acf_fast"] + c["argv"] + ["--quiet"], stdout=log,
+            # --overwrite: a cell not finished before (interrupted, or another command) starts afresh
+            argv = [sys.executable, "-m", "acf_fast"] + c["argv"] + ["--quiet", "--overwrite"]
+            code = subprocess.call(argv, stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
         if code:
             raise RuntimeError(f"{c['row']}, seed {c['seed']} failed (exit {code}, see "
