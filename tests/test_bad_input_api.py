@@ -147,10 +147,16 @@ def test_torch_backend_refuses_when_the_logits_themselves_overflow():
         acf_similarity(V * 1e25, vm, W * 1e25, wm, backend="torch", **kw)
 
 
+def on(device, V, vm, W, wm, kw):
+    """An acf-code ``case`` moved to ``device``."""
+    return (V.to(device), vm.to(device), W.to(device), wm.to(device),
+            {k: (tuple(t.to(device) for t in v) if k == "global_emb" else v) for k, v in kw.items()})
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_float32_backends_that_cannot_rescale_refuse_huge_features(backend):
+def test_float32_backends_that_cannot_rescale_refuse_huge_features(backend, device):
     """Eager returned 0.0 and the Triton kernel ~1e28 for V x 1e20 (reference ~0.45)."""
-    V, vm, W, wm, kw = case("acf-code")
+    V, vm, W, wm, kw = on(device, *case("acf-code"))
     with pytest.raises(ValueError, match=r"backend='torch'"):
         acf_similarity(V * 1e20, vm, W, wm, backend=backend, **kw)
     acf_similarity(V.double() * 1e20, vm, W.double(), wm, backend="eager", **f64(kw))  # float64 has the range
@@ -162,9 +168,9 @@ def test_float32_backends_that_cannot_rescale_refuse_huge_features(backend):
                                        "kernels/ (rescale as fused_torch.magnitude_scales, passing the clamp) makes "
                                        "this pass; then drop this marker and the refusal.")
 @pytest.mark.parametrize("variant", ["acf-code"])
-def test_triton_backend_is_right_for_huge_finite_features(variant):
-    V, vm, W, wm, kw = case(variant)
+def test_triton_backend_is_right_for_huge_finite_features(variant, device):
+    V, vm, W, wm, kw = on(device, *case(variant))
     V = V * 1e20
     want = reference_similarity(V.double(), vm, W.double(), wm, **f64(kw))
     got = acf_similarity(V, vm, W, wm, backend="triton", **kw)
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=0)

@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto",
                    help="where to score (--data) and rank: cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--work", type=Path,
-                   help="with --data: folder for the resumable chunks (default <checkpoint folder>/eval_<split>)")
+                   help="with --data: folder for the resumable chunks, one subfolder per checkpoint, data and settings "
+                        "(default <checkpoint folder>/eval_<checkpoint name>_<split>)")
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")

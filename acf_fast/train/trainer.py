@@ -193,11 +193,6 @@ class Trainer:
             saved.out = str(self.run_dir)
             cfg = saved
         self.cfg = cfg.validate()
-        if not resume:
-            if not overwrite:
-                require_empty_folder(self.run_dir, "--out", "pass --resume to continue the run in it, --overwrite "
-                                                            "to replace it, or another --out")
-            self.cfg = absolute_paths(self.cfg)
         self.resume = resume
         self.overwrite = overwrite
         self.on_write = None
@@ -207,6 +202,12 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self._encoder = None
+        if not resume:
+            if not overwrite:
+                require_empty_folder(self.run_dir, "--out", "pass --resume to continue the run in it, --overwrite "
+                                                            "to replace it, or another --out")
+            self.cfg = absolute_paths(self.cfg)
+        distributed.barrier(self.dist)  # every rank has looked at the folder before rank 0 writes in it
 
     # -- helpers ---------------------------------------------------------
     def log(self, msg: str) -> None:
