@@ -77,7 +77,12 @@ class ChunkCache:
         self.close()
 
     def _prune_others(self) -> None:
-        """Delete the other key folders of ``work`` that no cache holds."""
+        """Delete the other key folders of ``work`` that no cache holds (and the
+        single-folder layout of format 1, ``work/chunks`` + ``work/manifest.json``)."""
+        legacy = _read_manifest(self.work / MANIFEST)
+        if legacy is not None and legacy.get("fingerprint", {}).get("format") == 1:
+            shutil.rmtree(self.work / "chunks", ignore_errors=True)
+            (self.work / MANIFEST).unlink(missing_ok=True)
         for other in self.work.iterdir():
             if other == self.root or not other.is_dir() or not _KEY_RE.match(other.name):
                 continue

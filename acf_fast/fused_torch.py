@@ -245,8 +245,9 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
     """
     c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
     if c_v != 1.0 or c_w != 1.0:  # large inputs: the same S from unit-scale numbers (see magnitude_scales)
-        V, W = V / c_v, W / c_w
-        G = None if G is None else G / c_v
+        cdt = compute_dtype(V.dtype)  # divided in the compute dtype: no fp16/bf16 subnormals
+        V, W = V.to(cdt) / c_v, W.to(cdt) / c_w
+        G = None if G is None else G.to(cdt) / c_v
         scale = (scale[0] * c_v * c_w, scale[1] * c_v * c_w)
     overflow = ValueError(
         f"the attention logits overflow: V (and G) reach |x| ~ {c_v:.3g} and W |x| ~ {c_w:.3g}, so the logits "

@@ -263,3 +263,18 @@ def test_changed_content_with_the_same_size_and_mtime_starts_afresh(split_and_ck
     # unchanged content is reused
     again = scoring.score_split(ckpt, data, "test", **kw)
     assert again.info["computed"] == 0 and torch.equal(again.S, got.S)
+
+
+def test_chunks_of_the_old_single_folder_layout_are_removed(tmp_path):
+    """Item 6: a work folder from before the keyed layout (work/chunks + manifest.json,
+    format 1) is cleared, so its chunks cannot be taken for anyone's."""
+    from acf_fast.atomic import atomic_write_json
+    from acf_fast.chunk_cache import ChunkCache
+
+    (tmp_path / "chunks").mkdir()
+    np.save(tmp_path / "chunks" / "rows_0_5.npy", np.zeros((5, 25), np.float32))
+    atomic_write_json(tmp_path / "manifest.json", {"fingerprint_hash": "x", "fingerprint": {"format": 1}})
+    S = planted(5)
+    got, info = ChunkCache(tmp_path, {"checkpoint": "a"}, S.shape, 5).fill(lambda a, b: S[a:b], progress=False)
+    assert np.array_equal(got, S) and info["computed"] == 1
+    assert not (tmp_path / "chunks").exists() and not (tmp_path / "manifest.json").exists()
