@@ -125,7 +125,8 @@ def markdown(result: dict) -> str:
         f"{load['start'][0]:.2f}, at end {load['end'][0]:.2f} on {m['cpus']} CPUs",
         f"- data: synthetic (spec §7), data seed {result['data_seed']}, knobs {result['knobs']}: train {sz['train']} / "
         f"dev {sz['dev']} / test {sz['test']} images, 5 captions each; test = {sz['test']} images x "
-        f"{5 * sz['test']} captions, protocol 'any' (all at once), no re-ranking, scored in {result.get('precision', 'fp32')}; "
+        f"{5 * sz['test']} captions, protocol 'any' (all at once), no re-ranking, scored in "
+        f"{result.get('precision', 'fp32')}; "
         "the best dev-rsum checkpoint is tested",
         f"- model and training: {result['common']}",
         f"- training seeds: {', '.join(map(str, result['seeds']))} (model init, data order, samples); "

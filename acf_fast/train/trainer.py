@@ -262,7 +262,8 @@ class Trainer:
         from acf_fast.scoring import data_fingerprint
 
         cfg = self.cfg
-        return {"folder": cfg.data, "splits": {s: data_fingerprint(cfg.data, s) for s in (cfg.train_split, cfg.dev_split)}}
+        splits = (cfg.train_split, cfg.dev_split)
+        return {"folder": cfg.data, "splits": {s: data_fingerprint(cfg.data, s) for s in splits}}
 
     def _restore(self, model, encoder, optimizer, scheduler, fingerprint: dict):
         """Load the last commit into the model, encoder, optimizer and schedule after
@@ -452,7 +453,8 @@ def changed_files(stored: dict, now: dict) -> str:
     for split, files in now["splits"].items():
         before = {f[0]: f for f in stored["splits"].get(split, [])}
         after = {f[0]: f for f in files}
-        names += [f"{Path(now['folder']) / n}" for n in sorted(set(before) | set(after)) if before.get(n) != after.get(n)]
+        names += [str(Path(now["folder"]) / n) for n in sorted(set(before) | set(after))
+                  if before.get(n) != after.get(n)]
     return ", ".join(names) or f"the data in {now['folder']}"
 
 
