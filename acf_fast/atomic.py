@@ -4,6 +4,10 @@ A write goes to a temp file in the target's folder and is moved over the target
 with ``os.replace`` (an atomic rename), so an interrupted job never leaves a
 half-written file; on error the temp file is removed and the target is untouched.
 
+The result keeps what a plain overwrite would keep: an existing file's permission
+bits (a new file gets 0o666 less the umask, as ``open`` gives, not ``mkstemp``'s
+0o600), and a symlink stays a symlink: the file it points to is replaced.
+
 This module is the one home of atomic writes: import these functions from here,
 never through another module or under another name.
 """
@@ -11,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,16 +24,36 @@ from typing import Callable, Iterable
 import numpy as np
 
 
+def _temp_file(target: Path, suffix: str) -> Path:
+    """Create an empty, new temp file beside ``target`` with open()'s default mode
+    (0o666 less the umask); returns its path."""
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def atomic_path(path, suffix: str = ""):
-    """Yield a temp path in ``path``'s folder; on success move it over ``path``."""
+    """Yield a temp path in ``path``'s folder; on success move it over ``path``
+    (over the file a symlink ``path`` points to), keeping an existing file's mode."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_file(target, suffix)
+    new_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # the umask's, as open() gives
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        try:
+            keep = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            keep = new_mode
+        # set after writing: some writers (safetensors) make the file anew, mode 0600
+        os.chmod(tmp, keep)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)

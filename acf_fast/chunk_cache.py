@@ -1,19 +1,30 @@
 """A resumable cache of a large float32 matrix computed in chunks of rows.
 
-Each chunk of rows [a, b) is saved as ``{work}/chunks/rows_{a}_{b}.npy`` (written
-atomically, so a chunk file is either complete or absent). ``{work}/manifest.json``
-holds a fingerprint of everything that decides the values (the caller's dict plus
-the shape and the chunking). A rerun with the same fingerprint reuses every saved
-chunk and computes only the missing ones; any change discards the saved chunks.
+Everything that decides the values (the caller's fingerprint dict plus the shape and
+the chunking) is hashed into a key, and the chunks live in ``{work}/{key}/``: rows
+[a, b) in ``chunks/rows_{a}_{b}.npy`` (written atomically, so a chunk file is either
+complete or absent) beside ``manifest.json`` (the fingerprint, for people). A rerun
+with the same fingerprint reuses every saved chunk and computes only the missing
+ones; another fingerprint gets another key folder, so two evaluations that share a
+``work`` folder (two checkpoints, or a model or data changed between runs) never read
+each other's chunks, even when they run at the same time.
+
+A cache holds a shared lock (``fcntl.flock``) on its key folder's ``.lock`` from
+construction to the end of :meth:`ChunkCache.fill`; a new cache deletes the other key
+folders of ``work`` that no cache holds (results of an earlier model or data), so disk
+use stays one matrix per evaluation running.
 
     cache = ChunkCache(work, {"checkpoint": digest, ...}, shape=(N, M), chunk_rows=256)
     S, info = cache.fill(lambda a, b: scores_of_rows(a, b))
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -23,15 +34,17 @@ import torch
 from .atomic import atomic_save_npy, atomic_write_json
 
 MANIFEST = "manifest.json"
-FORMAT = 1
-_CHUNK_RE = re.compile(r"^rows_(\d+)_(\d+)\.npy$")
+LOCK = ".lock"
+FORMAT = 2  # 2: one folder per fingerprint key
+KEY_CHARS = 16
+_KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_CHARS}}}$")
 
 
 class ChunkCache:
-    """Row chunks of an (N, M) float32 matrix saved under ``work``.
+    """Row chunks of an (N, M) float32 matrix saved under ``work/<key>``.
 
     Args:
-        work: folder for the manifest and ``chunks/`` (created).
+        work: folder for the key folders (created).
         fingerprint: JSON-able dict of everything the values depend on.
         shape: (N, M) of the whole matrix.
         chunk_rows: rows per saved chunk (part of the fingerprint).
@@ -41,16 +54,49 @@ class ChunkCache:
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         self.work = Path(work)
-        self.folder = self.work / "chunks"
         self.shape = (int(shape[0]), int(shape[1]))
         self.chunk_rows = chunk_rows
         self.fingerprint = dict(fingerprint, chunk_rows=chunk_rows, format=FORMAT, shape=list(self.shape))
         digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        old = _read_manifest(self.work / MANIFEST)
-        if old is None or old.get("fingerprint_hash") != digest:
-            self._clear()  # stale: another model, data, precision or chunking
-            atomic_write_json(self.work / MANIFEST, {"fingerprint_hash": digest, "fingerprint": self.fingerprint})
+        self.key = digest[:KEY_CHARS]
+        self.root = self.work / self.key
+        self.folder = self.root / "chunks"
+        self._lock_fd = _hold(self.root, fcntl.LOCK_SH)
+        self.folder.mkdir(exist_ok=True)
+        if _read_manifest(self.root / MANIFEST) is None:
+            atomic_write_json(self.root / MANIFEST, {"fingerprint_hash": digest, "fingerprint": self.fingerprint})
+        self._prune_others()
+
+    def close(self) -> None:
+        """Release the lock on the key folder (:meth:`fill` does when it ends)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops its flock
+            self._lock_fd = None
+
+    def __del__(self):
+        self.close()
+
+    def _prune_others(self) -> None:
+        """Delete the other key folders of ``work`` that no cache holds (and the
+        single-folder layout of format 1, ``work/chunks`` + ``work/manifest.json``)."""
+        legacy = _read_manifest(self.work / MANIFEST)
+        if legacy is not None and legacy.get("fingerprint", {}).get("format") == 1:
+            shutil.rmtree(self.work / "chunks", ignore_errors=True)
+            (self.work / MANIFEST).unlink(missing_ok=True)
+        for other in self.work.iterdir():
+            if other == self.root or not other.is_dir() or not _KEY_RE.match(other.name):
+                continue
+            try:
+                fd = os.open(other / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(other, ignore_errors=True)
+            except OSError:
+                pass  # held by an evaluation running now
+            finally:
+                os.close(fd)
 
     def ranges(self) -> Iterator[Tuple[int, int]]:
         N = self.shape[0]
@@ -85,33 +131,48 @@ class ChunkCache:
     def fill(self, compute: Callable[[int, int], object], *, progress: bool = True, desc: str = "scoring",
              on_chunk: Optional[Callable[[int, int], None]] = None):
         """The whole matrix: saved chunks are read, missing ones computed by
-        ``compute(a, b)`` and saved (then ``on_chunk(a, b)`` is called).
+        ``compute(a, b)`` and saved (then ``on_chunk(a, b)`` is called). Releases the
+        lock when done (or failed).
 
-        Returns (array (N, M) float32, info {"chunks", "reused", "computed", "work"}).
+        Returns (array (N, M) float32, info {"chunks", "reused", "computed", "work"}),
+        "work" the key folder.
         """
         from tqdm.auto import tqdm
 
         out = np.empty(self.shape, dtype=np.float32)
-        info = {"chunks": 0, "reused": 0, "computed": 0, "work": str(self.work)}
-        with tqdm(total=self.shape[0], unit="row", desc=desc, disable=not progress) as bar:
-            for a, b in self.ranges():
-                info["chunks"] += 1
-                rows = self.load(a, b)
-                if rows is None:
-                    rows = self.save(a, b, compute(a, b))
-                    info["computed"] += 1
-                    if on_chunk is not None:
-                        on_chunk(a, b)
-                else:
-                    info["reused"] += 1
-                out[a:b] = rows
-                bar.update(b - a)
+        info = {"chunks": 0, "reused": 0, "computed": 0, "work": str(self.root)}
+        try:
+            with tqdm(total=self.shape[0], unit="row", desc=desc, disable=not progress) as bar:
+                for a, b in self.ranges():
+                    info["chunks"] += 1
+                    rows = self.load(a, b)
+                    if rows is None:
+                        rows = self.save(a, b, compute(a, b))
+                        info["computed"] += 1
+                        if on_chunk is not None:
+                            on_chunk(a, b)
+                    else:
+                        info["reused"] += 1
+                    out[a:b] = rows
+                    bar.update(b - a)
+        finally:
+            self.close()
         return out, info
 
-    def _clear(self) -> None:
-        for p in self.folder.iterdir():
-            if _CHUNK_RE.match(p.name) or p.name.endswith(".tmp") or p.name.endswith(".tmp.npy"):
-                p.unlink()
+
+def _hold(folder: Path, mode: int) -> int:
+    """Create ``folder`` and take ``mode`` (flock) on its lock file; returns the
+    descriptor. Retries when a pruner deleted the folder between the open and the lock."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, mode)
+        try:
+            if os.stat(folder / LOCK).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # pruned under us: make it again
 
 
 def _read_manifest(path: Path) -> Optional[dict]:
@@ -119,4 +180,4 @@ def _read_manifest(path: Path) -> Optional[dict]:
         m = json.loads(path.read_bytes())
         return m if isinstance(m, dict) else None
     except (OSError, ValueError):
-        return None  # absent or unreadable: start afresh
+        return None  # absent or unreadable: written anew

@@ -240,6 +240,8 @@ def kfold_metrics(S, folds: int, txt2img=None, *, rerank: bool = False, k_i2t: i
     N, M = S.shape
     if isinstance(text_vectors, np.ndarray):
         text_vectors = torch.from_numpy(text_vectors)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 1 <= folds <= N:
+        raise ValueError(f"folds must be an int in [1, {N}] (S has {N} images), got {folds!r}")
     if N % folds:
         raise ValueError(f"S has {N} images, not divisible into {folds} equal folds")
     g = check_txt2img(txt2img, N, M)

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .notation import cosine_from_squares
+from .notation import EPS, cosine_from_squares
 from .precompute import ItemSide, compute_dtype, precompute_items
 
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -127,8 +127,9 @@ def _quad_t2i(B: torch.Tensor, gram: torch.Tensor, block_diagonal: bool) -> torc
 
 
 def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: float, u2: float,
-                emb_i: Optional[torch.Tensor], emb_t: Optional[torch.Tensor]) -> torch.Tensor:
-    """S for n images × m texts from their precomputes. Returns (n, m) in the compute dtype."""
+                emb_i: Optional[torch.Tensor], emb_t: Optional[torch.Tensor], eps: float = EPS) -> torch.Tensor:
+    """S for n images × m texts from their precomputes. Returns (n, m) in the compute dtype.
+    ``eps``: the cosines' clamp for these (possibly rescaled, see :func:`magnitude_scales`) items."""
     n, H, K, d = img.Q.shape
     m, _, L, _ = txt.Q.shape
     dt = img.Q.dtype
@@ -154,7 +155,7 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
     E_i2t = raw_i2t if img.o_is_q else torch.bmm(heads_rows(img.O), Kw_cols).view(H, n, K, m, L)
     num_i2t = torch.linalg.vecdot(A, E_i2t).sum(0)  # (n, K, m)
     sq_w = _quad_i2t(A, txt.gram, txt.block_diagonal).view(m, n, K).permute(1, 2, 0)  # (n, K, m)
-    cos_i2t = cosine_from_squares(num_i2t, (img.norm ** 2)[:, :, None], sq_w)
+    cos_i2t = cosine_from_squares(num_i2t, (img.norm ** 2)[:, :, None], sq_w, eps)
     local_i2t = (cos_i2t * vw[:, :, None]).sum(1)  # (n, m)
 
     # ---- words attend to regions: B seen as (H, m, L, n, K), softmax over the image's valid regions
@@ -172,7 +173,7 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
         E_t2i = torch.bmm(heads_rows(txt.O), heads_cols(img.Kk)).view(H, m, L, n, K)
     num_t2i = torch.linalg.vecdot(B, E_t2i).sum(0)  # (m, L, n)
     sq_v = _quad_t2i(B, img.gram, img.block_diagonal).view(n, m, L).permute(1, 2, 0)  # (m, L, n)
-    cos_t2i = cosine_from_squares(num_t2i, (txt.norm ** 2)[:, :, None], sq_v)
+    cos_t2i = cosine_from_squares(num_t2i, (txt.norm ** 2)[:, :, None], sq_v, eps)
     local_t2i = (cos_t2i * ww[:, :, None]).sum(1).T  # (n, m)
 
     local = u1 * local_i2t + (1 - u1) * local_t2i
@@ -181,12 +182,43 @@ def _pair_chunk(img: ItemSide, txt: ItemSide, s_i2t: float, s_t2i: float, u1: fl
         Wg = torch.bmm(abar, txt.Pglob).transpose(0, 1)  # (n, m, D)
         bbar = torch.einsum("hmlnk,ml->nmhk", B, ww).reshape(n, m, H * K)
         Vg = torch.bmm(bbar, img.Pglob) + img.gx[:, None, :]  # (n, m, D)
-        glob = cosine_from_squares(torch.linalg.vecdot(Vg, Wg), torch.linalg.vecdot(Vg, Vg), torch.linalg.vecdot(Wg, Wg))
+        glob = cosine_from_squares(torch.linalg.vecdot(Vg, Wg), torch.linalg.vecdot(Vg, Vg),
+                                   torch.linalg.vecdot(Wg, Wg), eps)
     elif emb_i is not None:
         glob = emb_i @ emb_t.T
     else:
         return local
     return u2 * local + (1 - u2) * glob
+
+
+def _power_of_two_above(x: torch.Tensor) -> float:
+    """The smallest power of two >= the scalar x (> 1), as a Python float; 1.0 for x <= 1."""
+    x = float(x)
+    if not x > 1.0:
+        return 1.0
+    m, e = math.frexp(x)  # x = m 2^e, m in [0.5, 1)
+    return math.ldexp(1.0, e - 1 if m == 0.5 else e)
+
+
+def magnitude_scales(V, v_mask, W, w_mask, G):
+    """(c_v, c_w): powers of two >= the largest |entry| of V's valid rows (and G) and of
+    W's valid rows, 1.0 where that is <= 1.
+
+    Why: ‖x‖² and the Gram quadratic forms overflow float32 once entries pass ~1e18
+    (V scaled to 1e20 gave NaN). S is unchanged when V and G are divided by c_v and W
+    by c_w, the softmax scales multiplied by c_v c_w (the logits are bilinear in V and
+    W) and the cosines' clamp divided by c_v c_w (every cosine pairs a V-side vector
+    with a W-side one); the numerators and norms then stay near unit scale. Powers of
+    two divide exactly, so inputs already within [-1, 1] are untouched bit for bit.
+    """
+    def top(x, mask):
+        a = x.detach().abs().amax(-1)
+        return (a if mask is None else a.masked_fill(~mask, 0)).max()
+
+    c_v = top(V, v_mask)
+    if G is not None:
+        c_v = torch.maximum(c_v, G.detach().abs().max())
+    return _power_of_two_above(c_v), _power_of_two_above(top(W, w_mask))
 
 
 def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb):
@@ -211,6 +243,26 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
     need no barrier. Results agree to float32 rounding either way (the blocks
     differ, so BLAS may sum in another order).
     """
+    c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
+    if c_v != 1.0 or c_w != 1.0:  # large inputs: the same S from unit-scale numbers (see magnitude_scales)
+        cdt = compute_dtype(V.dtype)  # divided in the compute dtype: no fp16/bf16 subnormals
+        V, W = V.to(cdt) / c_v, W.to(cdt) / c_w
+        G = None if G is None else G.to(cdt) / c_v
+        scale = (scale[0] * c_v * c_w, scale[1] * c_v * c_w)
+    overflow = ValueError(
+        f"the attention logits overflow: V (and G) reach |x| ~ {c_v:.3g} and W |x| ~ {c_w:.3g}, so the logits "
+        f"(~ scale x {c_v * c_w:.3g}) exceed the float range of the computation; scale the features down (the "
+        "model's l2-normalised features are at most 1)")
+    if max(abs(scale[0]), abs(scale[1])) > torch.finfo(compute_dtype(V.dtype)).max:
+        raise overflow
+    S = _torch_similarity(V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2, weights=weights, G=G,
+                          global_emb=global_emb, eps=EPS / (c_v * c_w))
+    if not bool(torch.isfinite(S.detach()).all()):
+        raise overflow
+    return S
+
+
+def _torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb, eps):
     cdt = compute_dtype(V.dtype)
     N, K, D = V.shape
     M, L, _ = W.shape
@@ -249,10 +301,10 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
                     img = imgs.select(slice(a0, a1))
                     ei = None if emb_i is None else emb_i[off + a0:off + a1]
                     if need_grad:
-                        parts.append(checkpoint(_pair_chunk, img, txt, scale[0], scale[1], u1, u2, ei, et,
+                        parts.append(checkpoint(_pair_chunk, img, txt, scale[0], scale[1], u1, u2, ei, et, eps,
                                                 use_reentrant=False))
                     else:
-                        parts.append(_pair_chunk(img, txt, scale[0], scale[1], u1, u2, ei, et))
+                        parts.append(_pair_chunk(img, txt, scale[0], scale[1], u1, u2, ei, et, eps))
             cols.append(torch.cat(parts, dim=0))
         return torch.cat(cols, dim=1)
 

@@ -281,7 +281,9 @@ class ACF(nn.Module):
 
         Raises:
             ValueError naming the file: corrupt/truncated file, bad config, tensors that
-            do not match the config, or a mismatch with ``expect``.
+            do not match the config (names, shapes, or a dtype that is not floating
+            point: checked from the file's header before the model is built), or a
+            mismatch with ``expect``.
         """
         from safetensors.torch import load_file
 
@@ -299,22 +301,43 @@ class ACF(nn.Module):
             if config.get(k) != v:
                 raise ValueError(f"{path}: config {k} = {config.get(k)!r} but {v!r} was expected")
         try:
-            model = cls(**config)
+            with torch.device("meta"):  # shapes only: a lying config allocates nothing
+                skeleton = cls(**config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: config {config} does not fit ACF ({err})") from None
+        check_tensors_fit(path, config, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+        model = cls(**config)
         try:
             state = load_file(str(path), device=str(map_location))
         except Exception as err:
             raise ValueError(f"{path}: corrupt or truncated checkpoint ({err})") from None
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        if missing or extra:
-            raise ValueError(f"{path}: tensors do not match config {config}: missing {missing}, unexpected {extra}")
         for k, t in state.items():
-            if tuple(t.shape) != tuple(own[k].shape):
-                raise ValueError(f"{path}: tensor {k} has shape {tuple(t.shape)}, config {config} needs {tuple(own[k].shape)}")
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{path}: tensor {k} contains NaN or Inf")
         model.load_state_dict(state)
         return model.to(map_location)
+
+
+# safetensors dtype codes of floating-point tensors (what weights may be stored as).
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+
+
+def check_tensors_fit(path, config: dict, want: Mapping[str, tuple]) -> None:
+    """ValueError naming ``path`` unless its tensors are exactly ``want`` {name: shape},
+    each floating point. Reads only the safetensors header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            have = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({err})") from None
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise ValueError(f"{path}: tensors do not match config {config}: missing {missing}, unexpected {extra}")
+    for k, (shape, code) in sorted(have.items()):
+        if shape != tuple(want[k]):
+            raise ValueError(f"{path}: tensor {k} has shape {shape}, config {config} needs {tuple(want[k])}")
+        if code not in FLOAT_CODES:
+            raise ValueError(f"{path}: tensor {k} has dtype {code.lower()} (safetensors {code}); weights must be "
+                             "floating point (float16, bfloat16, float32 or float64)")

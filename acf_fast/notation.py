@@ -18,15 +18,20 @@ import torch
 EPS = 1e-8
 
 
-def cosine_from_squares(dot: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor) -> torch.Tensor:
-    """R from its parts: x·y, ‖x‖², ‖y‖² (broadcastable) -> x·y / max(‖x‖‖y‖, 1e-8).
+def cosine_from_squares(dot: torch.Tensor, sq_x: torch.Tensor, sq_y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """R from its parts: x·y, ‖x‖², ‖y‖² (broadcastable) -> x·y / max(‖x‖‖y‖, eps).
 
-    The clamp is applied to ‖x‖²‖y‖² at (1e-8)², the same bound; below it the
+    The clamp is applied to ‖x‖²‖y‖² at eps², the same bound; below it the
     gradient does not flow into the norms, so a zero row keeps a finite gradient
     (a sqrt of each square would give 0·∞ = NaN there). In float32 ‖x‖‖y‖ must stay
-    below ~1e19 for the product of squares to be finite; features here are unit-scale.
+    below ~1e19 for the product of squares to be finite: a caller with larger inputs
+    scales x by a and y by b first and passes eps / (a b), which gives the same R
+    (the torch backend does, see ``fused_torch.magnitude_scales``). eps² is kept at
+    least the dtype's smallest normal number: a rescaled eps² can underflow to 0, and
+    a zero row would then give 0 · rsqrt(0) = NaN.
     """
-    return dot * torch.rsqrt(torch.clamp(sq_x * sq_y, min=EPS * EPS))
+    floor = max(eps * eps, torch.finfo(sq_x.dtype).tiny)
+    return dot * torch.rsqrt(torch.clamp(sq_x * sq_y, min=floor))
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -35,7 +40,7 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """x / max(‖x‖, 1e-8) along ``dim``, any shape and float dtype.
+    """x / max(‖x‖, 1e-8) along ``dim`` (spec notation), any shape and float dtype.
 
     Gradient: exact where ‖x‖ > 1e-8; ZERO inside the clamp (zero rows). The clamped
     form x / 1e-8 has a Jacobian of I / 1e-8 there, and a zero row is legitimate input

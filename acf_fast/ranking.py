@@ -49,13 +49,15 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 def check_scores(S, name: str = "S") -> torch.Tensor:
     """Validate a similarity matrix S (N images, M texts); returns it as a tensor.
 
-    Accepts a torch tensor or a numpy array (shared, not copied). Refuses anything
+    Accepts a torch tensor or a numpy array (shared, not copied, unless it is not
+    C-contiguous or not in native byte order). Refuses anything
     that is not 2-D, not floating point, empty, or holds NaN/Inf (ValueError).
     """
     if isinstance(S, np.ndarray):
-        if not np.issubdtype(S.dtype, np.floating):
-            raise ValueError(f"{name} must hold floating-point scores, got dtype {S.dtype}")
-        S = torch.from_numpy(np.ascontiguousarray(S))
+        if S.dtype.kind != "f" or S.dtype.itemsize not in (2, 4, 8):
+            raise ValueError(f"{name} must hold float16, float32 or float64 scores, got dtype {S.dtype}")
+        # torch takes native byte order only: a big-endian array is converted (copied)
+        S = torch.from_numpy(np.ascontiguousarray(S, dtype=S.dtype.newbyteorder("=")))
     if not isinstance(S, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(S).__name__}")
     if S.dim() != 2:

@@ -33,6 +33,7 @@ import torch
 
 from .chunk_cache import ChunkCache
 from .machine import resolve_device
+from .paths import require_file, require_folder
 from .similarity import BACKENDS
 
 PRECISIONS = ("fp32", "bf16")
@@ -150,14 +151,42 @@ def model_fingerprint(model) -> str:
 
 
 def data_fingerprint(folder, split: str) -> list:
-    """(name, size, mtime_ns) of every ``{split}_*`` file in the folder (hashing GBs of
-    features on every run would cost more than scoring a chunk)."""
+    """[name, size, sha256] of each file of the split that exists (``data.scan.SPLIT_FILES``):
+    the content, not the times (``cp -p`` keeps an mtime over new bytes), hashed once
+    per process and file state (:mod:`acf_fast.file_digest`)."""
+    from .data.scan import SPLIT_FILES
+    from .file_digest import file_sha256
+
     out = []
-    for p in sorted(Path(folder).glob(f"{split}_*")):
-        if p.is_file() and ".tmp" not in p.name:
-            st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
+    for name in SPLIT_FILES:
+        p = Path(folder) / f"{split}_{name}"
+        if p.is_file():
+            out.append([p.name, p.stat().st_size, file_sha256(p)])
     return out
+
+
+def default_work(checkpoint, split: str) -> Path:
+    """The chunk folder of a checkpoint when no ``work`` is given:
+    ``<checkpoint folder>/eval_<checkpoint name>_<split>`` (best and last of a run apart)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent / f"eval_{checkpoint.stem}_{split}"
+
+
+def check_model_fits(model, data, words, checkpoint, folder, split: str) -> None:
+    """ValueError naming the checkpoint and the data file when their widths differ."""
+    cfg, folder = model.config, Path(folder)
+    name = checkpoint if checkpoint is not None else "the model"
+    checks = [("region_dim", data.regions.shape[2], f"{split}_ims.npy", "region features")]
+    if data.globals is not None:
+        checks.append(("global_dim", data.globals.shape[1], f"{split}_glob.npy", "global features"))
+    elif cfg["global_dim"] != cfg["region_dim"]:
+        checks.append(("global_dim", data.regions.shape[2], f"{split}_ims.npy (no {split}_glob.npy: the mean region)",
+                       "global features"))
+    checks.append(("text_dim", words.shape[2], f"{split}_words.safetensors", "caption features"))
+    for key, have, fname, what in checks:
+        if cfg[key] != have:
+            raise ValueError(f"{name} expects {what} of width {key} = {cfg[key]} but {folder / fname} has width "
+                             f"{have}: this checkpoint was not trained on data of this shape")
 
 
 @dataclass
@@ -191,8 +220,8 @@ def score_split(
 
     Args:
         model: a checkpoint path (``ACF.save``) or an ACF instance (moved to ``device``).
-        work: folder of the chunk cache; default ``<checkpoint folder>/eval_<split>``
-            (required with an instance).
+        work: folder of the chunk cache; default :func:`default_work`,
+            ``<checkpoint folder>/eval_<checkpoint name>_<split>`` (required with an instance).
         backend: ``acf_similarity`` backend. device: "auto", "cpu", "cuda", ...
         precision: one of PRECISIONS (see the module docstring).
         on_chunk: called with (start, stop) after each newly computed chunk is saved.
@@ -208,22 +237,22 @@ def score_split(
     if not isinstance(chunk_images, int) or chunk_images < 1:
         raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--data {folder} is not a folder")
+    require_folder(folder, "--data")
     if isinstance(model, (str, Path)):
-        checkpoint = Path(model)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
-        work = Path(work) if work is not None else checkpoint.parent / f"eval_{split}"
+        checkpoint = require_file(model, "--checkpoint")
+        work = Path(work) if work is not None else default_work(checkpoint, split)
         model = ACF.load(checkpoint, map_location=str(dev))
     elif work is None:
         raise ValueError("score_split of a model instance needs work= (the folder of its chunk cache)")
+    else:
+        checkpoint = None
     model = model.to(dev)
     data = load_split(folder, split)
     words, word_mask = load_encoded(folder, split)
     M = data.num_captions
     if words.shape[0] != M:
         raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
+    check_model_fits(model, data, words, checkpoint, folder, split)
     text_chunk = text_chunk or default_text_chunk(dev)
     settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
     fingerprint = dict(settings, model=model_fingerprint(model), data=data_fingerprint(folder, split), split=split,

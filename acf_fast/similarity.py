@@ -81,6 +81,8 @@ def acf_similarity(
     )
     if backend == "auto":
         backend = "triton" if V.is_cuda else "torch"
+    if backend != "torch" and V.dtype != torch.float64:
+        _check_magnitudes(V, v_mask, W, w_mask, G, backend)
     kwargs = dict(heads=heads, scale=scale, u1=float(u1), u2=float(u2), weights=weights, G=G, global_emb=global_emb)
     if backend == "eager":
         from .eager import eager_similarity
@@ -93,3 +95,22 @@ def acf_similarity(
     from .kernels.similarity import triton_similarity
 
     return triton_similarity(V, v_mask, W, w_mask, **kwargs)
+
+
+# Largest c_v c_w (see fused_torch.magnitude_scales) the eager and Triton backends take
+# in float32 or lower: their ‖x‖² and Gram forms overflow past ~1e18 (eager then returned
+# 0, the Triton kernel ~1e28, for V x 1e20; issue 14). 2^40 leaves a wide margin below
+# that for D and weights; the model's features are at most ~10.
+MAX_UNSCALED = 2.0 ** 40
+
+
+def _check_magnitudes(V, v_mask, W, w_mask, G, backend: str) -> None:
+    """ValueError when the inputs are too large for ``backend`` to score in float32."""
+    from .fused_torch import magnitude_scales
+
+    c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
+    if c_v * c_w > MAX_UNSCALED:
+        raise ValueError(
+            f"V (and G) reach |x| ~ {c_v:.3g} and W |x| ~ {c_w:.3g}: too large for backend={backend!r}, whose float32 "
+            f"norms overflow (product above {MAX_UNSCALED:.3g}); use backend='torch', which rescales exactly, or "
+            "scale the features down")

@@ -17,6 +17,11 @@ VECTOR_WEIGHTS = ("gate",)
 WEIGHT_NAMES = MATRIX_WEIGHTS + VECTOR_WEIGHTS
 
 
+def is_real(x) -> bool:
+    """A real number: int or float (numpy's too), not a bool, str or None."""
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, float, np.integer, np.floating))
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse NaN or Inf anywhere in ``t``."""
     if t.numel() and not bool(torch.isfinite(t).all()):
@@ -90,7 +95,7 @@ def check_similarity_inputs(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weigh
         raise ValueError(f"V is on {V.device} and W on {W.device}; put them on one device")
     if V.dtype != W.dtype:
         raise ValueError(f"V is {V.dtype} and W is {W.dtype}; give both the same dtype")
-    if not isinstance(heads, int) or heads < 1:
+    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     if D % heads:
         raise ValueError(f"D = {D} is not divisible by heads = {heads}; the head width D / heads must be whole")
@@ -99,13 +104,12 @@ def check_similarity_inputs(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weigh
     if scale is None:
         s = 1.0 / (D // heads) ** 0.5
         scale = (s, s)
-    try:
-        scale = (float(scale[0]), float(scale[1]))
-    except (TypeError, IndexError, ValueError):
-        raise ValueError(f"scale must be a pair (s_i2t, s_t2i) of numbers, got {scale!r}") from None
+    if not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(map(is_real, scale)):
+        raise ValueError(f"scale must be a pair (s_i2t, s_t2i) of numbers (or None), got {scale!r}")
+    scale = (float(scale[0]), float(scale[1]))
     for name, val in (("scale[0]", scale[0]), ("scale[1]", scale[1]), ("u1", u1), ("u2", u2)):
-        if not torch.isfinite(torch.tensor(float(val))):
-            raise ValueError(f"{name} must be finite, got {val!r}")
+        if not is_real(val) or not np.isfinite(float(val)):
+            raise ValueError(f"{name} must be finite (a real number), got {val!r}")
     weights = check_weights(weights, D, V.device)
     if G is not None and global_emb is not None:
         raise ValueError("give G (pairwise global score) or global_emb (embedding global score), not both")
@@ -156,7 +160,7 @@ def check_txt2img(txt2img, N: Optional[int] = None, M: Optional[int] = None, nam
     if isinstance(txt2img, np.ndarray):
         if not np.issubdtype(txt2img.dtype, np.integer):
             raise ValueError(f"{name} must hold integer image ids, got dtype {txt2img.dtype}")
-        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img))
+        txt2img = torch.from_numpy(np.ascontiguousarray(txt2img, dtype=txt2img.dtype.newbyteorder("=")))
     if not isinstance(txt2img, torch.Tensor) or txt2img.dtype.is_floating_point or txt2img.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D array of integer image ids")
     if txt2img.dim() != 1 or (M is not None and txt2img.numel() != M):

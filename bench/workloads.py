@@ -111,9 +111,9 @@ def train_batch(B: int, *, K: int = 36, words: int = 32, Dv: int = 2048, Db: int
     regions (B, K, Dv) with a region_mask (the first B // 5 images have only 2K/3
     valid regions), globals (B, Dv), words (B, words, Db) / mask with lengths uniform
     in [max(3, words // 2), words], positives pos_words / pos_mask up to twice as long
-    (a long positive holds two captions), and shuf_words / pos_shuf_words with the same
-    masks, standing in for the cached encodings of the shuffled texts that shuffle
-    negatives take. Padded rows are zero, as the cache holds them.
+    (a long positive holds two captions), and shuf_words / pos_shuf_words: the cached
+    encodings of the shuffled texts that shuffle (and mixture) negatives take, same
+    masks. Padded rows are zero, as the cache holds them.
     """
     g = torch.Generator().manual_seed(seed)
 

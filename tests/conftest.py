@@ -38,6 +38,16 @@ def device(request):
     return torch.device(dev)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models' ops each wait on a thread barrier with
+    two, and on a busy 2-core machine a tiny training step ran ~30x slower that way."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and config.getoption("--device").startswith("cuda"):
         return

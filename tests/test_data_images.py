@@ -131,7 +131,7 @@ def test_batches_carry_image_ids(tmp_path):
     from acf_fast.data import encode_split
     from acf_fast.text_encoder import load_text_encoder
     from acf_fast.train.config import TrainConfig
-    from acf_fast.train.trainer import TrainData
+    from acf_fast.train.batches import TrainData
 
     tsv, _ = make_pairs(tmp_path)
     out = tmp_path / "set"

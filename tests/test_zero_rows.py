@@ -9,7 +9,8 @@ linears start with zero bias, so an all-zero region maps to an exactly zero row;
 import pytest
 import torch
 
-from acf_fast.model import ACF, l2norm
+from acf_fast.model import ACF
+from acf_fast.notation import l2norm
 from acf_fast.train.objective import Objective
 
 

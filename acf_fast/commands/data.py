@@ -32,6 +32,18 @@ def _splits_in(folder: Path):
     return sorted(p.name[: -len("_caps.txt")] for p in folder.glob("*_caps.txt"))
 
 
+def refuse_existing_set(out, splits, *names, overwrite: bool) -> None:
+    """ValueError when ``out`` already holds files this command would write ({split}_*
+    of ``splits``, or ``names``), unless ``overwrite``."""
+    out = Path(out)
+    if overwrite or not out.is_dir():
+        return
+    found = sorted(p.name for s in splits for p in out.glob(f"{s}_*")) + sorted(n for n in names if (out / n).exists())
+    if found:
+        raise ValueError(f"--out {out} already holds a data set ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}); pass --overwrite to replace it, or another --out")
+
+
 def cmd_synth(args) -> int:
     from ..data import write_synthetic
     from ..data.synth import default_sizes
@@ -42,6 +54,7 @@ def cmd_synth(args) -> int:
         v = getattr(args, s)
         if v is not None:
             sizes[s] = v
+    refuse_existing_set(args.out, splits, "synthetic.json", overwrite=args.overwrite)
     t0 = time.time()
     folder = write_synthetic(args.out, seed=args.seed, splits=splits, sizes=sizes, progress=not args.quiet,
                              **dict(args.knob or []))
@@ -143,6 +156,7 @@ def register(subparsers) -> None:
     s.add_argument("--knob", type=_knob, action="append", metavar="NAME=VALUE",
                    help="difficulty knob of acf_fast.data.synth.SynthConfig, e.g. noise=2.0 or "
                         "objects_per_image=(3,6); repeatable")
+    s.add_argument("--overwrite", action="store_true", help="replace the data set already in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_synth)
 

@@ -178,7 +178,7 @@ def run(args) -> int:
 
     t = time.time()
     print(f"[4/5] training from scratch -> {cfg.out}")
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=True)  # the demo's own folder: a rerun trains afresh
     timings["train"] = time.time() - t
 
     t = time.time()

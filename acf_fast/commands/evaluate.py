@@ -12,7 +12,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..evaluate import PROTOCOLS, evaluate_protocol, format_table
 from ..rerank import NEIGHBOR_MODES
@@ -50,7 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto",
                    help="where to score (--data) and rank: cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--work", type=Path,
-                   help="with --data: folder for the resumable chunks (default <checkpoint folder>/eval_<split>)")
+                   help="with --data: folder for the resumable chunks, one subfolder per checkpoint, data and settings "
+                        "(default <checkpoint folder>/eval_<checkpoint name>_<split>)")
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
@@ -71,44 +71,29 @@ def register(subparsers) -> None:
 
 def load_sims(path: Path) -> np.ndarray:
     """A 2-D float .npy, never unpickled. ValueError naming the file otherwise."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--sims {path} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        if "pickle" in str(err).lower():
-            raise ValueError(
-                f"--sims {path}: the file holds pickled Python objects, which are never loaded; "
-                "save a plain array, e.g. np.save(path, S.astype(np.float32))"
-            ) from None
-        raise ValueError(f"--sims {path}: not a readable .npy file ({err})") from None
-    except OSError as err:
-        raise ValueError(f"--sims {path}: not a readable .npy file ({err})") from None
-    if not isinstance(arr, np.ndarray):
-        raise ValueError(f"--sims {path}: expected one .npy array, got an archive of several (.npz)")
+    from ..data.checks import load_npy
+
+    arr = load_npy(path, "--sims", kind="f", what="the scores")
     if arr.ndim != 2:
         raise ValueError(f"--sims {path}: expected a 2-D (images, captions) array, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"--sims {path}: expected floating-point scores, got dtype {arr.dtype}")
     return arr
 
 
 def load_txt2img(path: Path, M: int) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"--txt2img {path} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"--txt2img {path}: not a plain .npy array ({err})") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"--txt2img {path}: expected a 1-D integer array, got {getattr(arr, 'dtype', '?')} "
-                         f"of shape {getattr(arr, 'shape', '?')}")
+    """A (M,) integer .npy of the image of each caption. ValueError naming the file otherwise."""
+    from ..data.checks import load_npy
+
+    arr = load_npy(path, "--txt2img", kind="iu", what="the caption -> image map")
+    if arr.ndim != 1:
+        raise ValueError(f"--txt2img {path}: expected a 1-D integer array, got shape {arr.shape}")
     if arr.shape[0] != M:
         raise ValueError(f"--txt2img {path}: has {arr.shape[0]} entries but --sims has {M} captions (columns)")
     return arr.astype(np.int64)
 
 
 def run(args) -> int:
+    from ..paths import check_outputs
+
     opts = dict(rerank=args.rerank, k_i2t=args.k_i2t, k_t2i=args.k_t2i, kprime=args.kprime, n=args.n,
                 neighbors=args.neighbors)
     record = {"command": "evaluate"}
@@ -117,13 +102,16 @@ def run(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
         from ..machine import resolve_device
+        from ..ranking import check_scores
+        from ..validate import check_txt2img
 
-        S = load_sims(args.sims)
+        check_outputs({"--out": args.out}, inputs={"--sims": args.sims, "--txt2img": args.txt2img})
+        S = check_scores(load_sims(args.sims), name=f"--sims {args.sims}")
         txt2img = None if args.txt2img is None else load_txt2img(args.txt2img, S.shape[1])
+        txt2img = check_txt2img(txt2img, *S.shape, name="--txt2img" + ("" if txt2img is None else f" {args.txt2img}"))
         try:
-            result = evaluate_protocol(torch.from_numpy(S).to(resolve_device(args.device)), args.protocol, txt2img,
-                                       **opts)
-        except ValueError as err:
+            result = evaluate_protocol(S.to(resolve_device(args.device)), args.protocol, txt2img, **opts)
+        except ValueError as err:  # S does not fit the protocol
             raise ValueError(f"--sims {args.sims}: {err}") from None
         record["source"] = {"sims": str(args.sims), "txt2img": None if args.txt2img is None else str(args.txt2img)}
     else:
@@ -132,8 +120,12 @@ def run(args) -> int:
         if args.txt2img is not None:
             raise ValueError("--txt2img goes with --sims; with --data the split's captions define it")
         from ..atomic import atomic_save_npy
+        from ..paths import require_file, require_folder
         from ..scoring import score_split
 
+        data_files = [p for p in require_folder(args.data, "--data").iterdir() if p.is_file()]
+        check_outputs({"--out": args.out, "--save-sims": args.save_sims},
+                      inputs={"--checkpoint": require_file(args.checkpoint, "--checkpoint"), "--data": data_files})
         scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
                              device=args.device, precision=args.precision, chunk_images=args.chunk_images,
                              progress=not args.quiet)

@@ -80,7 +80,7 @@ def _train_one_thread(config: dict) -> str:
     from ..train.trainer import train
 
     torch.set_num_threads(1)
-    return str(train(TrainConfig.from_dict(config)))
+    return str(train(TrainConfig.from_dict(config), overwrite=True))
 
 
 def _epoch_records(run_dir: Path) -> list:
@@ -130,7 +130,7 @@ def train_runs(runs: dict, parallel: bool) -> dict:
                 f.result()  # a worker's error surfaces here
     else:
         for cfg in runs.values():
-            train(cfg)
+            train(cfg, overwrite=True)  # this command's own run folders: a rerun trains afresh
     out = {}
     for name, cfg in runs.items():
         best = max(_epoch_records(Path(cfg.out)), key=lambda r: r["rsum"])

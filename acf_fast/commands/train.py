@@ -69,21 +69,81 @@ def config_from_args(args) -> "TrainConfig":
     )
 
 
+# Options a resumed run may be given with another value than it started with.
+RESUME_MAY_CHANGE = {"out", "resume", "epochs", "device", "backend", "quiet", "eval_test", "precision"}
+# Options whose TrainConfig field has another name (or is derived from them).
+OPTION_FIELD = {"no_positives": "positives", "no_negatives": "negatives", "positives": "positives",
+                "negatives": "negatives"}
+
+
+def explicit_options(argv) -> set:
+    """The dests of the train options given on the command line ``argv`` (everything
+    after the ``train`` word), as opposed to those left at their defaults."""
+    unset = object()
+    p = argparse.ArgumentParser(add_help=False)
+    add_train_args(p)
+    p.set_defaults(**{dest: unset for dest in vars(p.parse_args([]))})
+    return {dest for dest, v in vars(p.parse_args(argv)).items() if v is not unset}
+
+
+def check_resume_options(args, stored) -> None:
+    """With --resume, refuse an explicit option whose value differs from the run's
+    stored setting (it would be ignored silently otherwise)."""
+    from pathlib import Path
+
+    argv = list(getattr(args, "argv", None) or [])
+    given = explicit_options(argv[argv.index("train") + 1:] if "train" in argv else argv) - RESUME_MAY_CHANGE
+    if not given:
+        return
+    wanted = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or stored.data,
+                                                    "epochs": args.epochs or stored.epochs}))
+    for dest in sorted(given):
+        field = OPTION_FIELD.get(dest, dest)
+        have, want = getattr(stored, field), getattr(wanted, field)
+        if field in ("data", "encoder") and have is not None and want is not None:
+            same = Path(have).resolve() == Path(want).resolve()
+        else:
+            same = have == want
+        if not same:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"--resume continues {args.out} with its stored settings, but {flag} asks "
+                             f"{field} = {want!r} where the run has stored {field} = {have!r} (in "
+                             f"{Path(args.out) / 'config.json'}): drop {flag}, or start a new run (another --out, "
+                             "or --overwrite)")
+
+
+def check_eval_split(folder, split: str) -> None:
+    """FileNotFoundError before training when --eval-test names a split that cannot be scored."""
+    from pathlib import Path
+
+    from ..data.encode import cache_path
+
+    for p in (Path(folder) / f"{split}_ims.npy", Path(folder) / f"{split}_caps.txt", cache_path(folder, split)):
+        if not p.is_file():
+            raise FileNotFoundError(f"--eval-test {split}: {p} is missing (encode the split with `acf-fast data "
+                                    f"encode {folder} --split {split}`)")
+
+
 def run(args) -> int:
-    from ..train.trainer import train
+    from ..train.trainer import read_stored_config, train
 
     if args.out is None:
         raise ValueError("--out RUN is required")
     if args.data is None and not args.resume:
         raise ValueError("--data DIR is required (the SCAN-layout folder with train and dev splits)")
+    stored = None
+    if args.resume:
+        stored = read_stored_config(args.out)
+        check_resume_options(args, stored)
     if args.eval_test:
         from ..machine import resolve_device
         from ..scoring import check_precision
 
         check_precision(args.precision, resolve_device(args.device))  # before training, not after
-    cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "",
-                                                  "epochs": args.epochs or (None if args.resume else 20)}))
-    run_dir = train(cfg, resume=args.resume)
+        check_eval_split(stored.data if stored is not None else args.data, args.eval_test)
+    epochs = args.epochs if args.epochs is not None else (None if args.resume else 20)
+    cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "", "epochs": epochs}))
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
     if args.eval_test:
         import json
@@ -112,18 +172,16 @@ def main_train(argv) -> int:
     return main(argv)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train ACF on a SCAN-layout folder (spec §6)",
-        description="Train ACF with the asymmetry-sensitive contrastive loss (spec §6). One epoch = every "
-                    "training caption once. Validates on the dev split each epoch; best.safetensors keeps the "
-                    "best dev rsum. Multi-GPU: torchrun --nproc_per_node=G -m acf_fast train ...",
-    )
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every option of ``acf-fast train``."""
     p.add_argument("--data", help="SCAN-layout folder with {train,dev}_ims.npy / _caps.txt (see `acf-fast data`)")
-    p.add_argument("--out", help="run folder (config.json, log.jsonl, best/last checkpoints)")
+    p.add_argument("--out", help="run folder (config.json, log.jsonl, best/last checkpoints); must be empty or new "
+                                 "unless --resume or --overwrite")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (its stored config is used; "
-                        "--epochs, --device and --backend may change)")
+                        "--epochs, --device and --backend may change, other options must agree with it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (its config, log and checkpoints; other files stay)")
     p.add_argument("--finetune", action="store_true",
                    help="fine-tune the text encoder in the loop (negatives on its input embeddings); "
                         "default: frozen encoder, cached features")
@@ -137,4 +195,14 @@ def register(subparsers) -> None:
     add_model_args(p)
     add_score_weight_args(p)
     add_ablation_args(p)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train ACF on a SCAN-layout folder (spec §6)",
+        description="Train ACF with the asymmetry-sensitive contrastive loss (spec §6). One epoch = every "
+                    "training caption once. Validates on the dev split each epoch; best.safetensors keeps the "
+                    "best dev rsum. Multi-GPU: torchrun --nproc_per_node=G -m acf_fast train ...",
+    )
+    add_train_args(p)
     p.set_defaults(func=run)

@@ -73,6 +73,28 @@ def open_npy(path: Path, *, ndim: int, kind: str = "f", what: str = "array") -> 
         raise ValueError(f"{path}: cannot be memory-mapped ({err})") from None
 
 
+# dtypes a loaded array may have, by kind: what torch takes (no float128, no complex).
+LOADABLE_FLOATS = ("float16", "float32", "float64")
+
+
+def load_npy(path: Path, flag: str, *, kind: str, what: str) -> np.ndarray:
+    """Load a whole small .npy (``allow_pickle=False``) after checking its header: an
+    existing file, not pickled, not truncated, dtype kind in ``kind`` ("f": float16/32/64,
+    "iu": integers). Returned in native byte order. Errors name ``flag`` and the file."""
+    from ..paths import require_file
+
+    path = require_file(path, flag)
+    try:
+        shape, dtype, _, _ = read_npy_header(path)
+    except ValueError as err:
+        raise ValueError(f"{flag} {err}") from None
+    if dtype.kind not in kind or (dtype.kind == "f" and dtype.name not in LOADABLE_FLOATS):
+        want = "floating-point (float16, float32 or float64)" if kind == "f" else "integer"
+        raise ValueError(f"{flag} {path}: {what} must be {want}, got dtype {dtype}")
+    arr = np.load(path, allow_pickle=False)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+
+
 def check_finite_chunks(arr: np.ndarray, name, chunk_bytes: int = CHUNK_BYTES, progress: bool = False) -> None:
     """Refuse NaN/Inf in ``arr`` (any shape, e.g. a memmap), scanning chunks of rows.
 

@@ -215,6 +215,6 @@ def _load_cache(folder: Path, split: str, check_captions: bool, dtype: torch.dty
                 f"{path}: stale cache, {folder / (split + '_caps.txt')} changed since it was encoded; "
                 f"run `acf-fast data encode {folder} --split {split}`"
             )
-    if words.shape[0] != int(meta.get("count", words.shape[0])):
-        raise ValueError(f"{path}: holds {words.shape[0]} captions but its metadata says {meta.get('count')}")
+    if str(words.shape[0]) != str(meta.get("count", words.shape[0])):
+        raise ValueError(f"{path}: holds {words.shape[0]} captions but its metadata says {meta.get('count')!r}")
     return {**tensors, "words": words}

@@ -30,6 +30,10 @@ from .checks import check_finite_chunks, open_npy, read_lines
 log = logging.getLogger(__name__)
 
 CAPTIONS_PER_IMAGE = 5
+# The files of a split (``{split}_<name>``) that decide what is loaded: a fingerprint of
+# a split covers these (derived caches such as the shuffled captions are checked by
+# their own keys).
+SPLIT_FILES = ("ims.npy", "caps.txt", "txt2img.npy", "ids.txt", "glob.npy", "ims_mask.npy", "words.safetensors")
 
 
 @dataclass

@@ -396,6 +396,7 @@ def write_synthetic(
             atomic_save_npy(mask_path, mask)
         elif mask_path.exists():
             mask_path.unlink()  # a stale mask from an earlier run would lie
+        (folder / f"{split}_txt2img.npy").unlink(missing_ok=True)  # so would another set's caption map
         atomic_write_lines(folder / f"{split}_caps.txt", captions)
         atomic_write_lines(folder / f"{split}_ids.txt", [f"synth-{split}-{i:06d}" for i in range(N)])
         with atomic_path(folder / f"{split}_objects.json") as tmp:

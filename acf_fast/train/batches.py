@@ -199,7 +199,7 @@ class TrainData:
         caps = self.captions_idx[np.asarray(positions)]
         imgs = self.txt2img[caps]
         regions, rmask, glob = image_tensors(self.split, imgs, device)
-        # image_ids: two captions of one image in a batch are not each other's negatives.
+        # two captions of one image in a batch are not each other's negatives (loss.same_image_mask)
         out = {"regions": regions, "region_mask": rmask, "globals": glob, "image_ids": torch.from_numpy(imgs)}
         if self.encoder is None:
             out.update(self.texts.rows(torch.from_numpy(caps)))

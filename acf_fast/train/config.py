@@ -1,6 +1,7 @@
 """Training configuration: one dataclass, saved as ``config.json`` in the run folder."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -57,15 +58,47 @@ class TrainConfig:
     stop_after_epochs: Optional[int] = None  # stop (as if interrupted) after this epoch; for resume tests
 
     def validate(self) -> "TrainConfig":
+        """Check every field's type and range; ValueError naming the first bad one.
+        Run before anything is read or written."""
         def bad(name, want):
             raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
-        if self.epochs < 1:
-            bad("epochs", ">= 1")
-        if self.batch_size < 2:
-            bad("batch_size", ">= 2 (a contrastive batch needs negatives)")
+        def count(name, low, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                bad(name, f"an int >= {low}" + (" or None" if optional else ""))
+
+        def real(name, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "a finite number" + (" or None" if optional else ""))
+
+        for name in ("data", "out", "train_split", "dev_split", "device", "backend"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, "a str")
+        for name, low in (("epochs", 1), ("step_epochs", 1), ("embed_dim", 1), ("heads", 1), ("max_length", 3),
+                          ("seed", 0)):
+            count(name, low)
+        count("batch_size", 2)  # a contrastive batch needs negatives
+        for name in ("dev_images", "train_images", "stop_after_epochs"):
+            count(name, 1, optional=True)
+        for name in ("lr", "cosine_floor", "grad_clip", "tau", "lam", "margin"):
+            real(name)
+        for name in ("u1", "u2"):
+            real(name, optional=True)
+        for name in ("no_cmf", "finetune", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool")
+        if self.embed_dim % self.heads:
+            bad("embed_dim", f"divisible by heads={self.heads}")
         if not self.lr > 0:
             bad("lr", "> 0")
+        if not self.grad_clip > 0:
+            bad("grad_clip", "> 0")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"one of {SCHEDULES}")
         if self.loss not in ("contrastive", "triplet"):
@@ -76,14 +109,12 @@ class TrainConfig:
             bad("positives", f"None or one of {POSITIVE_KINDS}")
         if self.variant not in ("paper", "acf-code"):
             bad("variant", "'paper' or 'acf-code'")
-        if self.embed_dim % self.heads:
-            bad("embed_dim", f"divisible by heads={self.heads}")
         if not self.tau > 0:
             bad("tau", "> 0")
         if not 0 <= self.lam <= 1:
             bad("lam", "in [0, 1]")
-        if self.step_epochs < 1:
-            bad("step_epochs", ">= 1")
+        if not self.margin >= 0:
+            bad("margin", ">= 0")
         if self.schedule == "cosine" and not 0 <= self.cosine_floor <= self.lr:
             bad("cosine_floor", f"an absolute lr in [0, lr = {self.lr}] (the cosine schedule ends there)")
         for name in ("u1", "u2"):

@@ -88,8 +88,8 @@ def contrastive_term(Sa: torch.Tensor, Sn: Optional[torch.Tensor], tau: float,
 def acf_contrastive_loss(Sa: torch.Tensor, Sn: Optional[torch.Tensor] = None, Sp: Optional[torch.Tensor] = None,
                          Spn: Optional[torch.Tensor] = None, *, tau: float = DEFAULT_TAU,
                          lam: float = DEFAULT_LAMBDA, image_ids: Optional[torch.Tensor] = None,
-                         Sn_valid: Optional[torch.Tensor] = None, Spn_valid: Optional[torch.Tensor] = None
-                         ) -> torch.Tensor:
+                         Sn_valid: Optional[torch.Tensor] = None,
+                         Spn_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Spec §6 loss, a float32 scalar (float64 for float64 blocks).
 
     Args:
