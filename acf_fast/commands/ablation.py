@@ -83,14 +83,18 @@ def summarise(runs: List[dict]) -> Dict[str, dict]:
     return out
 
 
-def compare(summary: Dict[str, dict]) -> List[dict]:
+def compare(summary: Dict[str, dict], runs: List[dict]) -> List[dict]:
     """Each claimed ordering (a above b in rsum): the difference of means, the larger of
     the two standard deviations, and a verdict: "reproduced" (difference > 3 std),
-    "reversed" (< -3 std) or "not separated"."""
+    "reversed" (< -3 std) or "not separated". Also the per-seed differences a - b
+    (same seed: same initial weights of the shared layers and the same data order), and
+    in how many seeds a is above b."""
+    rsum = {(r["row"], r["seed"]): r["test"]["rsum"] for r in runs}
     out = []
     for a, b in ORDERINGS:
         if a not in summary or b not in summary:
             continue
+        paired = [rsum[a, s] - rsum[b, s] for s in summary[a]["seeds"] if (b, s) in rsum]
         ra, rb = summary[a]["rsum"], summary[b]["rsum"]
         diff = ra["mean"] - rb["mean"]
         std = max(ra["std"], rb["std"])
@@ -103,7 +107,9 @@ def compare(summary: Dict[str, dict]) -> List[dict]:
         else:
             verdict = "not separated"
         out.append({"better": a, "worse": b, "diff": diff, "max_std": std,
-                    "diff_over_std": diff / std if std else None, "verdict": verdict})
+                    "diff_over_std": diff / std if std else None, "verdict": verdict,
+                    "per_seed": mean_std(paired) if paired else None, "seeds_above": sum(d > 0 for d in paired),
+                    "seeds_compared": len(paired)})
     return out
 
 
@@ -126,8 +132,7 @@ def markdown(result: dict) -> str:
         f"- data: synthetic (spec §7), data seed {result['data_seed']}, knobs {result['knobs']}: train {sz['train']} / "
         f"dev {sz['dev']} / test {sz['test']} images, 5 captions each; test = {sz['test']} images x "
         f"{5 * sz['test']} captions, protocol 'any' (all at once), no re-ranking, scored in "
-        f"{result.get('precision', 'fp32')}; "
-        "the best dev-rsum checkpoint is tested",
+        f"{result.get('precision', 'fp32')}; the best dev-rsum checkpoint is tested",
         f"- model and training: {result['common']}",
         f"- training seeds: {', '.join(map(str, result['seeds']))} (model init, data order, samples); "
         "each cell is mean ± sample std (n - 1) over them",
@@ -142,11 +147,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {cells} | {_pm(s['rsum'])} | {s['seconds']['mean']:.0f} |")
     lines += ["", f"Orderings an ablation table claims, tested on rsum (separated = the difference of means "
                   f"exceeds {SEPARATION:g} x the larger std):", "",
-              "| claim | Δ rsum | larger std | Δ / std | here |", "|---|---:|---:|---:|---|"]
+              "| claim | Δ rsum | larger std | Δ / std | here | Δ per seed (same seed) | seeds where it holds |",
+              "|---|---:|---:|---:|---|---:|---:|"]
     for c in result["comparisons"]:
         ratio = "—" if c["diff_over_std"] is None else f"{c['diff_over_std']:.1f}"
+        per_seed = "—" if c["per_seed"] is None else _pm(c["per_seed"])
         lines.append(f"| {c['better']} > {c['worse']} | {c['diff']:+.1f} | {c['max_std']:.1f} | {ratio} | "
-                     f"{c['verdict']} |")
+                     f"{c['verdict']} | {per_seed} | {c['seeds_above']} / {c['seeds_compared']} |")
     lines += ["", "Per-seed rsum:", "", "| row | " + " | ".join(f"seed {s}" for s in result["seeds"]) + " |",
               "|---|" + "---:|" * len(result["seeds"])]
     for name, _ in ROWS:
@@ -185,7 +192,7 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
 
     from tqdm.auto import tqdm
 
-    from ..atomic import atomic_write_text
+    from ..atomic import atomic_write_json
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     todo = [c for c in cells if _finished(c["run_dir"], c["argv"]) is None]
@@ -206,7 +213,7 @@ def run_cells(cells: List[dict], jobs: int, threads: int, progress: bool) -> Non
             raise RuntimeError(f"{c['row']}, seed {c['seed']} failed (exit {code}, see "
                                f"{c['run_dir'] / 'ablation_log.txt'}): {c['command']}")
         seconds = round(time.time() - t, 1)
-        atomic_write_text(c["run_dir"] / "ablation_run.json", json.dumps({"argv": c["argv"], "seconds": seconds}))
+        atomic_write_json(c["run_dir"] / "ablation_run.json", {"argv": c["argv"], "seconds": seconds})
         bar.write(f"{c['row']}, seed {c['seed']}: {seconds:.0f} s")
         bar.update(1)
 
@@ -244,7 +251,7 @@ def run(args) -> int:
         raise ValueError("--variant acf-code has no cross-modal fusion, so the w/o CMF row is undefined: "
                          "use --variant paper or leave w-o-cmf out of --rows")
     device = resolve_device(args.device)
-    check_precision(args.precision, device)  # before any work
+    check_precision(args.precision, device)
     gpu = device.type == "cuda"
     torch.set_num_threads(args.threads)  # the encoding here, as in each cell (see run_cells)
     preset = dict(GPU_SIZES if gpu else CPU_SIZES)
@@ -315,7 +322,7 @@ def run(args) -> int:
                         f"{args.batch_size}, lr {args.lr} ({args.schedule} schedule), frozen "
                         f"{'MiniLM' if args.encoder is None else args.encoder}, backend {args.backend}; "
                         f"{args.jobs} cells at a time, {args.threads} torch thread(s) each",
-              "setup_commands": setup, "runs": runs, "summary": summary, "comparisons": compare(summary),
+              "setup_commands": setup, "runs": runs, "summary": summary, "comparisons": compare(summary, runs),
               "prepare_seconds": round(prepare_seconds, 1), "runs_seconds": round(time.time() - t_runs, 1),
               "wall_seconds": round(time.time() - t_start, 1),
               "load": {"start": list(load_start), "end": list(os.getloadavg()), "cpus": os.cpu_count()}}
