@@ -18,6 +18,11 @@ position there; a target outside it has rank
 its original rank whenever the head is a reordering of the original top k (what
 the re-ranker returns). R@K for K <= k therefore reads the head alone.
 
+Ranks are counted by :func:`acf_fast.ranking.target_positions`: a Triton kernel for
+float32/16/bf16 S on CUDA (``backend="auto"``), torch ops otherwise, the same
+integers either way. Every public function checks S once (NaN/Inf, shape) and hands
+the checked tensor to the internal ``_``-functions, which never check it again.
+
 Protocols: ``coco5k`` (5,000 x 25,000 at once), ``coco1k`` (five folds of 1,000 x
 5,000, every metric averaged over the folds; rsum = sum of the averaged six R@K,
 which equals the mean of the fold rsums - SCAN's 5-fold printout mislabels it),

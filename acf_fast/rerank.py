@@ -279,7 +279,9 @@ def _nearest_by_cosine(X: torch.Tensor, k: int, backend: str) -> torch.Tensor:
     with a fixed summation order (:func:`fold_sum`), so every device and backend
     picks the same neighbours. It is computed only for candidates: the k-1 + margin
     largest approximate cosines of unit rows (float16 matmul on the triton path,
-    float32 otherwise). A text is settled when its (k-1)-th exact cosine exceeds every
+    float32 otherwise; float16 rather than bfloat16 because unit vectors need no
+    bfloat16 range and float16's 11 significant bits make the bound 8x tighter at the
+    same tensor-core speed, so fewer texts retry). A text is settled when its (k-1)-th exact cosine exceeds every
     excluded candidate's approximate cosine by more than the error bound
     (:func:`approx_error_bound`; 0 is the floor where the 1e-8 clamp can shrink a
     cosine); the others retry with 4x the candidates, up to all of them.
