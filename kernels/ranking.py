@@ -10,9 +10,11 @@ Kernels
 -------
 - ``_positions_kernel``: 0-based position of many queries ``(line, item)`` inside
   their line, ``#{j: x_j > x_item} + #{j < item: x_j == x_item}``. One program
-  streams one line once for up to ``QB`` queries of that line (a "chunk"); a line
-  with more queries gets more chunks. The chunk table is built on the device with
-  static shapes (:func:`chunk_table`).
+  streams one line once for up to ``QB`` queries of that line (a "chunk", sorted);
+  each item finds by binary search how many of them it precedes and adds one to that
+  histogram bin; a query's count is the sum of the bins above it. A line with more
+  queries gets more chunks. The chunk table is built on the device with static
+  shapes (:func:`chunk_table`).
 - ``_target_counts_kernel``: the same count for one target per line (the metrics),
   lines given by strides, so the columns of S are read in place, coalesced.
 - ``_topk_boundary_kernel``: ``torch.topk`` picks the right values but not which of
@@ -43,9 +45,8 @@ import triton.language as tl
 from acf_fast.ranking import MAX_VECTOR
 
 # Tile sizes (constexpr). Tests shrink them so that k and the queries per line exceed a block.
-POSITIONS_TILE = 4096   # QB x BLOCK pairs per step of _positions_kernel (int32 accumulators)
-POSITIONS_QB_MAX = 32   # queries per program: more share one read of the line, but pad more
-POSITIONS_QB_MIN = 8
+POSITIONS_BLOCK = 1024  # line items per step of _positions_kernel
+POSITIONS_QB_MAX = 128  # queries per program (a binary search of log2(QB) + 1 probes per item)
 TARGETS_ROWS = (1, 1024)      # (lines, items) per tile when lines are rows (items contiguous)
 TARGETS_COLUMNS = (64, 32)    # ... when lines are columns (lines contiguous)
 TARGETS_SPLIT_ITEMS = 8192    # items per program along a line: more programs, summed by atomics
@@ -72,25 +73,32 @@ def _composite(x, j, SPAN: tl.constexpr):
 
 
 @triton.jit
-def _positions_kernel(X, stride_line, stride_item, chunk_line, chunk_q0, chunk_q1, q_item, out,
-                      LENGTH: tl.constexpr, QB: tl.constexpr, BLOCK: tl.constexpr):
+def _positions_kernel(X, stride_line, stride_item, chunk_line, chunk_n, q_comp, out,
+                      LENGTH: tl.constexpr, QB: tl.constexpr, LOG2_QB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    q0 = tl.load(chunk_q0 + pid)
-    q1 = tl.load(chunk_q1 + pid)
-    if q0 < q1:
+    n = tl.load(chunk_n + pid)
+    if n > 0:
         line = tl.load(chunk_line + pid).to(tl.int64)
         base = X + line * stride_line
-        qs = q0 + tl.arange(0, QB)
-        qm = qs < q1
-        item = tl.load(q_item + qs, mask=qm, other=0).to(tl.int64)
-        cq = _composite(tl.load(base + item * stride_item, mask=qm, other=0.0), item, LENGTH + 1)
+        qc = q_comp + pid.to(tl.int64) * QB  # the chunk's query composites, ascending, +inf padded
+        first = tl.load(qc + (QB // 2 - 1))  # every item's first probe
         offs = tl.arange(0, BLOCK)
-        acc = tl.zeros([QB, BLOCK], dtype=tl.int32)
+        hist = tl.zeros([2 * QB], dtype=tl.int32)
         for j0 in range(0, LENGTH, BLOCK):
             j = j0 + offs
-            x = tl.load(base + j.to(tl.int64) * stride_item, mask=j < LENGTH, other=float("-inf"))
-            acc += (_composite(x, j, LENGTH + 1)[None, :] > cq[:, None]).to(tl.int32)
-        tl.store(out + qs, tl.sum(acc, axis=1).to(tl.int64), mask=qm)
+            cx = _composite(tl.load(base + j.to(tl.int64) * stride_item, mask=j < LENGTH, other=float("-inf")),
+                            j, LENGTH + 1)
+            # b = how many of the chunk's queries item j is before (composites below cx):
+            # a branchless binary search, then one histogram bin per item.
+            lo = tl.where(first < cx, QB // 2, 0)
+            for s in tl.static_range(1, LOG2_QB):
+                probe = tl.load(qc + lo + ((QB >> (s + 1)) - 1))
+                lo = tl.where(probe < cx, lo + (QB >> (s + 1)), lo)
+            hist += tl.histogram(lo + (tl.load(qc + lo) < cx).to(tl.int32), 2 * QB)
+        # sorted query i is after every item with b > i
+        above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)
+        r = tl.arange(0, 2 * QB)
+        tl.store(out + pid.to(tl.int64) * QB + r, above.to(tl.int64), mask=r < n)
 
 
 @triton.jit
@@ -167,24 +175,38 @@ def _pow2(n: int) -> int:
 def chunk_table(lines: torch.Tensor, n_lines: int, qb: int):
     """Group queries by line into chunks of at most ``qb``, on the device, static shapes.
 
-    lines: (Q,) long line id of each query, already sorted. Returns (chunk_line,
-    chunk_q0, chunk_q1), each (P,) long with P = ceil(Q / qb) + min(n_lines, Q), an
-    upper bound of the number of chunks known without reading the data; unused
-    chunks have q0 == q1.
+    lines: (Q,) long line id of each query, sorted. Returns (chunk_line, chunk_n, slot):
+    chunk_line, chunk_n (P,) long, P = ceil(Q / qb) + min(n_lines, Q) (a bound on the
+    number of chunks known without reading the data; unused chunks have n = 0), and
+    slot (Q,) long: where query q goes in a (P * qb) chunk-major table.
     """
     dev = lines.device
     Q = lines.numel()
     per_line = torch.zeros(n_lines, dtype=torch.long, device=dev).index_add_(0, lines, torch.ones_like(lines))
-    line_end = torch.cumsum(per_line, 0)
+    line_start = torch.cumsum(per_line, 0) - per_line
     n_chunks = (per_line + qb - 1) // qb
     chunk_end = torch.cumsum(n_chunks, 0)
     P = -(-Q // qb) + min(n_lines, Q)
     p = torch.arange(P, device=dev)
     cl = torch.searchsorted(chunk_end, p, right=True).clamp_(max=n_lines - 1)
-    q0 = line_end[cl] - per_line[cl] + (p - (chunk_end[cl] - n_chunks[cl])) * qb
-    q1 = torch.minimum(q0 + qb, line_end[cl])
-    q1 = torch.where(p < chunk_end[-1], q1, q0)
-    return cl, q0, q1
+    first = line_start[cl] + (p - (chunk_end[cl] - n_chunks[cl])) * qb  # its first query
+    cn = (torch.minimum(first + qb, line_start[cl] + per_line[cl]) - first).clamp_(min=0)
+    cn = torch.where(p < chunk_end[-1], cn, 0)
+    within = torch.arange(Q, device=dev) - line_start[lines]  # rank of each query in its line
+    slot = ((chunk_end[lines] - n_chunks[lines]) + within // qb) * qb + within % qb
+    return cl, cn, slot
+
+
+def query_composites(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """float64 composites of ``_composite`` for X[lines, items], computed with torch ops
+    (the same integers, so the same bits as the kernel's)."""
+    v = X[lines, items]
+    if v.dtype == torch.bfloat16:
+        bits = v.view(torch.int16).to(torch.int32) << 16
+    else:
+        bits = v.float().view(torch.int32)
+    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    return key.double() * (X.shape[1] + 1) - items.double()
 
 
 def count_positions(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor, *, block: int = None,
@@ -193,20 +215,27 @@ def count_positions(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor, *
     (rows with unit stride read fastest).
 
     lines, items: (Q,) long on X's device. Returns (Q,) long. X float32/16/bf16, finite.
+    Queries are sorted by (line, composite) and cut into chunks of at most ``qb`` per
+    line; each program streams its line once and bins every item by a binary search
+    among its chunk: O(L log qb) per chunk instead of O(L qb) compares.
     """
     R, L = X.shape
     Q = lines.numel()
     out = torch.empty(Q, dtype=torch.long, device=X.device)
     if Q == 0:
         return out
-    qb = qb or min(POSITIONS_QB_MAX, max(POSITIONS_QB_MIN, _pow2(-(-Q // R))))
-    block = block or min(POSITIONS_TILE // qb, _pow2(L))
-    srt, order = torch.sort(lines * L + items)
-    cl, q0, q1 = chunk_table(srt // L, R, qb)
-    counts = torch.empty(Q, dtype=torch.long, device=X.device)
-    _positions_kernel[(cl.numel(),)](X, X.stride(0), X.stride(1), cl, q0, q1, srt % L, counts,
-                                     LENGTH=L, QB=qb, BLOCK=block, num_warps=4)
-    out[order] = counts
+    qb = qb or min(POSITIONS_QB_MAX, _pow2(-(-Q // R)))
+    block = block or min(POSITIONS_BLOCK, _pow2(L))
+    comp = query_composites(X, lines, items)
+    order = torch.sort(comp, stable=True).indices
+    order = order.gather(0, torch.sort(lines[order], stable=True).indices)
+    cl, cn, slot = chunk_table(lines[order], R, qb)
+    table = torch.full((cl.numel() * qb,), float("inf"), dtype=torch.float64, device=X.device)
+    table[slot] = comp[order]
+    counts = torch.empty(cl.numel() * qb, dtype=torch.long, device=X.device)
+    _positions_kernel[(cl.numel(),)](X, X.stride(0), X.stride(1), cl, cn, table, counts,
+                                     LENGTH=L, QB=qb, LOG2_QB=qb.bit_length() - 1, BLOCK=block, num_warps=4)
+    out[order] = counts[slot]
     return out
 
 

@@ -20,9 +20,8 @@ from acf_fast.reference_ranking import cosine_neighbors_loop, rerank_i2t_loop, r
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(kernels, "POSITIONS_TILE", 16)  # QB x BLOCK items per step
-    monkeypatch.setattr(kernels, "POSITIONS_QB_MAX", 4)
-    monkeypatch.setattr(kernels, "POSITIONS_QB_MIN", 2)
+    monkeypatch.setattr(kernels, "POSITIONS_BLOCK", 8)  # line items per step
+    monkeypatch.setattr(kernels, "POSITIONS_QB_MAX", 4)  # queries per chunk
     monkeypatch.setattr(kernels, "BOUNDARY_BLOCK", 4)
 
 
