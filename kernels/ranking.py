@@ -47,9 +47,10 @@ from acf_fast.ranking import MAX_VECTOR
 # Tile sizes (constexpr). Tests shrink them so that k and the queries per line exceed a block.
 POSITIONS_BLOCK = 1024  # line items per step of _positions_kernel
 POSITIONS_QB_MAX = 128  # queries per program (a binary search of log2(QB) + 1 probes per item)
-TARGETS_ROWS = (1, 1024)      # (lines, items) per tile when lines are rows (items contiguous)
-TARGETS_COLUMNS = (64, 32)    # ... when lines are columns (lines contiguous)
-TARGETS_SPLIT_ITEMS = 8192    # items per program along a line: more programs, summed by atomics
+# _target_counts_kernel: (lines, items) per tile and items per program along a line
+# (more programs, summed by atomics): rows have items contiguous, columns lines.
+TARGETS_ROWS = (1, 1024, 8192)
+TARGETS_COLUMNS = (64, 32, 1024)
 BOUNDARY_BLOCK = 1024
 
 
@@ -239,16 +240,15 @@ def count_positions(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor, *
     return out
 
 
-def count_targets(S: torch.Tensor, targets: torch.Tensor, axis: int, *, tile=None, split: int = None) -> torch.Tensor:
+def count_targets(S: torch.Tensor, targets: torch.Tensor, axis: int) -> torch.Tensor:
     """0-based position of one target per line of S (N, M): rows (axis=1, targets (N,)
     text ids) or columns (axis=0, targets (M,) image ids), read in place. Returns long."""
     if axis == 1:
         n_lines, length, s_line, s_item = S.shape[0], S.shape[1], S.stride(0), S.stride(1)
     else:
         n_lines, length, s_line, s_item = S.shape[1], S.shape[0], S.stride(1), S.stride(0)
-    bl, block = tile or (TARGETS_ROWS if axis == 1 else TARGETS_COLUMNS)
+    bl, block, split = TARGETS_ROWS if axis == 1 else TARGETS_COLUMNS
     block = min(block, _pow2(length))
-    split = split or TARGETS_SPLIT_ITEMS
     split = max(block, -(-min(split, length) // block) * block)
     out = torch.zeros(n_lines, dtype=torch.long, device=S.device)
     grid = (triton.cdiv(n_lines, bl), triton.cdiv(length, split))

@@ -185,9 +185,8 @@ def test_triton_metrics_equal_torch_and_loop(dtype, heads, monkeypatch):
     vs the torch path vs the loop: ragged captions, planted ties, -0.0, subnormals."""
     from acf_fast.kernels import ranking as kernels
 
-    monkeypatch.setattr(kernels, "TARGETS_ROWS", (2, 8))
-    monkeypatch.setattr(kernels, "TARGETS_COLUMNS", (4, 4))
-    monkeypatch.setattr(kernels, "TARGETS_SPLIT_ITEMS", 16)
+    monkeypatch.setattr(kernels, "TARGETS_ROWS", (2, 8, 16))
+    monkeypatch.setattr(kernels, "TARGETS_COLUMNS", (4, 4, 8))
     g = torch.Generator().manual_seed(11)
     N = 13
     txt2img = torch.cat([torch.arange(N), torch.randint(0, N, (24,), generator=g)])
