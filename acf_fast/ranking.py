@@ -188,7 +188,7 @@ def line_block(S: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tenso
 def rank_order(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Permutation of each row of (vals, idx) (R, k) into (value desc, index asc) order."""
     o = torch.sort(idx, dim=1, stable=True).indices
-    # + 0.0 turns -0.0 into +0.0: a radix sort (GPU) would put -0.0 after +0.0
+    # + 0.0 turns -0.0 into +0.0: a radix sort (GPU) orders the two zeros, a stable sort must not
     o2 = torch.sort(vals.gather(1, o) + 0.0, dim=1, descending=True, stable=True).indices
     return o.gather(1, o2)
 
