@@ -371,33 +371,67 @@ def positions(
     return out
 
 
+# count_before_targets samples every TIE_SAMPLE_STEP-th line to choose its method.
+TIE_SAMPLE_STEP = 64
+TIED_LINES_MAX_FRACTION = 0.25
+
+
+def _count_by_threshold(X, v, tt, ar, dim, out_buf=None):
+    """Items of X before their line's target (value v, index tt): x > nextafter(v, -inf)
+    before the target's index, x > v after it. One compare per item."""
+    thr = torch.where(ar < tt, torch.nextafter(v, v.new_tensor(float("-inf"))), v)
+    # a float 0/1 result and a float sum: ~2x faster than a bool one on a CPU (measured)
+    return torch.gt(X, thr, out=thr if out_buf is None else out_buf).sum(dim).long()
+
+
 def count_before_targets(
     S: torch.Tensor, targets: torch.Tensor, axis: int, budget_bytes: Optional[int] = None
 ) -> torch.Tensor:
     """0-based position of one target per line: rows (axis=1, targets (N,) text ids) or
     columns (axis=0, targets (M,) image ids). Streams S once; returns (lines,) long.
 
-    One compare per item: an item before the target's index is before it when x >= v,
-    i.e. x > the float just below v (``nextafter``, so ties need no second pass), an
-    item after it when x > v.
+    Two exact methods; a sample of lines picks the cheaper. Few lines tie their target
+    (random floats): sum(sign(x - v)) and sum(|sign(x - v)|) give the items above and
+    the ties in cheap float passes, and only the tied lines are recounted. Many do
+    (scores of a bf16/fp16 model): one compare per item against a threshold that holds
+    the index rule (:func:`_count_by_threshold`).
     """
     n_lines, length = (S.shape[0], S.shape[1]) if axis == 1 else (S.shape[1], S.shape[0])
     budget = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
     out = torch.empty(n_lines, dtype=torch.long, device=S.device)
-    step = lines_per_block(length, 8, budget)  # a float threshold and a bool per item
-    dim = 1 if axis == 1 else 0
+    dim, ldim = (1, 0) if axis == 1 else (0, 1)
+    # 16-bit scores compare exactly against float32 (it holds them all); float sums of
+    # -1/0/+1 are exact below 2^24 items.
+    fdtype = torch.float64 if S.dtype == torch.float64 or length >= 2**24 else torch.float32
     ar = torch.arange(length, device=S.device)
     ar = ar[None, :] if axis == 1 else ar[:, None]
-    # 16-bit scores compare exactly against float32 thresholds (float32 holds them all).
-    tdtype = torch.float64 if S.dtype == torch.float64 else torch.float32
-    lowest = torch.tensor(float("-inf"), dtype=tdtype, device=S.device)
-    for a in range(0, n_lines, step):
-        b = min(n_lines, a + step)
+
+    def line_targets(a, b):
         X = S[a:b] if axis == 1 else S[:, a:b]  # columns stay in place: rows of the block are contiguous
         tt = targets[a:b, None] if axis == 1 else targets[None, a:b]
-        v = X.gather(dim, tt).to(tdtype)
-        thr = torch.where(ar < tt, torch.nextafter(v, lowest), v)
-        out[a:b] = (X > thr).sum(dim, dtype=torch.int32)
+        return X, tt, X.gather(dim, tt).to(fdtype)
+
+    sample = torch.arange(0, n_lines, TIE_SAMPLE_STEP, device=S.device)
+    Xs = S.index_select(ldim, sample)
+    ts = targets[sample, None] if axis == 1 else targets[None, sample]
+    tied_share = float(((Xs == Xs.gather(dim, ts)).sum(dim) > 1).float().mean())
+    by_sign = tied_share <= TIED_LINES_MAX_FRACTION
+    step = lines_per_block(length, 2 * torch.finfo(fdtype).bits // 8, budget)
+    for a in range(0, n_lines, step):
+        b = min(n_lines, a + step)
+        X, tt, v = line_targets(a, b)
+        if not by_sign:
+            out[a:b] = _count_by_threshold(X, v, tt, ar, dim)
+            continue
+        sgn = torch.sub(X, v).sign_()  # x - v is 0 only when x == v, for finite floats
+        total = sgn.sum(dim)
+        nonzero = sgn.abs_().sum(dim)
+        out[a:b] = ((total + nonzero) / 2).round().long()
+        tied = (length - nonzero) > 1.5  # equal to the target besides itself
+        if bool(tied.any()):
+            lines = tied.nonzero().squeeze(1)
+            out[a + lines] = _count_by_threshold(X.index_select(ldim, lines), v.index_select(ldim, lines),
+                                                 tt.index_select(ldim, lines), ar, dim)
     return out
 
 

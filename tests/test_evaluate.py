@@ -45,6 +45,19 @@ def test_metrics_match_loop(ties, ragged):
     assert_metrics_equal(recall_metrics(S, t2i_arg), recall_loop(S, txt2img.tolist()))
 
 
+@pytest.mark.parametrize("tied_max", [1.0, -1.0])  # sums of signs and a recount of tied lines / thresholds
+def test_metrics_in_many_blocks_match_loop(tied_max, monkeypatch):
+    """Either counting method; block edges (rows and columns, the last block short)
+    must not change a rank."""
+    monkeypatch.setattr(ranking, "DEFAULT_BUDGET_BYTES", 600)
+    monkeypatch.setattr(ranking, "TIED_LINES_MAX_FRACTION", tied_max)
+    N, M = 17, 85
+    txt2img = torch.arange(M) // 5
+    S = planted_S(N, M, txt2img, seed=12, ties=True)
+    assert_metrics_equal(recall_metrics(S, txt2img, backend="torch"), recall_loop(S, txt2img))
+    assert_metrics_equal(recall_metrics(S.double(), txt2img), recall_loop(S, txt2img))
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_metrics_with_reranked_heads_match_loop(ties):
     N, M = 19, 95
