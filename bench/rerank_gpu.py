@@ -90,26 +90,32 @@ def _tied_fraction(S: torch.Tensor, k: int, dim: int) -> float:
 
 def run(device="cuda", log=print, *, smoke: bool = False, cpu: bool = True, loop_queries: int = 20,
         seed: int = 0) -> dict:
-    """Measure and check on ``device`` (see the module doc); returns the record."""
+    """Measure and check on ``device`` (see the module doc); returns the record, whatever fails."""
+    rec = {"script": "bench/rerank_gpu.py", "smoke": smoke, "ok": False, "errors": [], "step_wall_s": {}}
+    try:
+        _run(rec, device, log, smoke, cpu, loop_queries, seed)
+    except Exception as err:  # a failure between steps (an import, the summary): still a record
+        rec["errors"].append({"step": "run", "error": f"{type(err).__name__}: {err}"[:1000],
+                              "traceback": traceback.format_exc()[-3000:]})
+        rec["ok"] = False
+    return rec
+
+
+def _run(rec, device, log, smoke, cpu, loop_queries, seed) -> None:
     t_start = time.perf_counter()
     sizes = SIZES["smoke" if smoke else "full"]
     N, M, D = sizes["N"], sizes["M"], sizes["D"]
-    rec = {"script": "bench/rerank_gpu.py", "smoke": smoke, "ok": False, "errors": [], "step_wall_s": {},
-           "N": N, "M": M, "D": D, "k_i2t": K_I2T, "k_t2i": K_T2I, "kprime": K_NB, "neighbors": "embedding",
-           "workload": "S ~ N(0,1) + 2 on true pairs, rounded to multiples of 2^-8 (planted ties); "
-                       "txt2img = t // 5; text vectors N(0,1), 1% exact duplicates",
-           "backend_gpu": "triton", "backend_cpu": "torch", "times_ms": {}, "timing_method": {},
-           "cpu_times_ms": {}, "loop": {}, "checks": {}, "bitwise_equal_cpu": False, "targets": {}}
-    try:
-        device = torch.device(device)
-        rec["device"] = str(device)
+    rec.update({"N": N, "M": M, "D": D, "k_i2t": K_I2T, "k_t2i": K_T2I, "kprime": K_NB, "neighbors": "embedding",
+                "workload": "S ~ N(0,1) + 2 on true pairs, rounded to multiples of 2^-8 (planted ties); "
+                            "txt2img = t // 5; text vectors N(0,1), 1% exact duplicates",
+                "backend_gpu": "triton", "backend_cpu": "torch", "times_ms": {}, "timing_method": {},
+                "cpu_times_ms": {}, "loop": {}, "checks": {}, "bitwise_equal_cpu": False, "targets": {}})
+    device = torch.device(device)
+    rec["device"] = str(device)
+    with _step(rec, "device record", log):
         from bench.device import device_record
 
         rec["device_record"] = device_record(device)
-    except Exception as err:
-        rec["errors"].append({"step": "device", "error": f"{type(err).__name__}: {err}"})
-        return rec
-    from acf_fast import reference_ranking as loops
     from acf_fast.evaluate import recall_metrics
     from acf_fast.rerank import CapturedRerank, rerank, rerank_i2t, rerank_t2i, text_neighbors
     from bench.workloads import text_vectors, tied_score_matrix
@@ -159,7 +165,6 @@ def run(device="cuda", log=print, *, smoke: bool = False, cpu: bool = True, loop
     rec["ok"] = not rec["errors"] and rec["bitwise_equal_cpu"]
     rec["wall_s"] = round(time.perf_counter() - t_start, 2)
     log(summary(rec))
-    return rec
 
 
 def _stages(rec, S, nb, device):

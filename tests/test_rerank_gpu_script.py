@@ -50,3 +50,13 @@ def test_a_failing_step_is_recorded_not_raised(tiny, monkeypatch):
     assert not rec["ok"]
     assert any(e["step"] == "gpu neighbours" and "planted" in e["error"] for e in rec["errors"])
     json.dumps(rec)
+
+
+def test_a_failure_between_steps_is_recorded(tiny, monkeypatch):
+    def broken(rec):
+        raise RuntimeError("planted in the summary")
+
+    monkeypatch.setattr(rerank_gpu, "summary", broken)
+    rec = rerank_gpu.run("cpu", log=lambda s: None, smoke=True, cpu=False)
+    assert not rec["ok"] and rec["errors"][-1]["step"] == "run"
+    json.dumps(rec)
