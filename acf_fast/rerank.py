@@ -184,16 +184,17 @@ class CapturedRerank:
             raise ValueError("CapturedRerank needs S as a CUDA tensor (the buffer the graph reads)")
         self.S = check_scores(S)
         N, M = S.shape
-        args = (check_neighbors(neighbors, M, S.device), check_k(k_i2t, M, "k_i2t", "list of texts per image"),
-                check_k(k_t2i, N, "k_t2i", "list of images per text"), check_cap(n), resolve_backend("triton", S))
+        # held by the object: the graph reads these buffers at every replay
+        self.args = (check_neighbors(neighbors, M, S.device), check_k(k_i2t, M, "k_i2t", "list of texts per image"),
+                     check_k(k_t2i, N, "k_t2i", "list of images per text"), check_cap(n), resolve_backend("triton", S))
         stream = torch.cuda.Stream(S.device)
         stream.wait_stream(torch.cuda.current_stream(S.device))
         with torch.cuda.stream(stream):  # warm-up: compiles the kernels, fills the allocator's pool
-            _rerank_both(self.S, *args)
+            _rerank_both(self.S, *self.args)
         torch.cuda.current_stream(S.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.heads = _rerank_both(self.S, *args)
+            self.heads = _rerank_both(self.S, *self.args)
 
     def __call__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         check_scores(self.S)
