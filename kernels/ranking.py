@@ -225,7 +225,8 @@ def count_positions(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor, *
     out = torch.empty(Q, dtype=torch.long, device=X.device)
     if Q == 0:
         return out
-    qb = qb or min(POSITIONS_QB_MAX, _pow2(-(-Q // R)))
+    # at least 2: the first probe of a chunk is at QB // 2 - 1
+    qb = max(2, qb or min(POSITIONS_QB_MAX, _pow2(-(-Q // R))))
     block = block or min(POSITIONS_BLOCK, _pow2(L))
     comp = query_composites(X, lines, items)
     order = torch.sort(comp, stable=True).indices
