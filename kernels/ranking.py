@@ -227,6 +227,8 @@ def count_positions(X: torch.Tensor, lines: torch.Tensor, items: torch.Tensor, *
         return out
     # at least 2: the first probe of a chunk is at QB // 2 - 1
     qb = max(2, qb or min(POSITIONS_QB_MAX, _pow2(-(-Q // R))))
+    if qb & (qb - 1):
+        raise ValueError(f"qb must be a power of two (the binary search halves it), got {qb}")
     block = block or min(POSITIONS_BLOCK, _pow2(L))
     comp = query_composites(X, lines, items)
     order = torch.sort(comp, stable=True).indices
