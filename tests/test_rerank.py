@@ -167,3 +167,11 @@ def test_bad_inputs(call, match):
     S = random_S(4, 10, seed=0)
     with pytest.raises(ValueError, match=match):
         call(S)
+
+
+def test_column_blocks_are_copied_in_tiles():
+    """line_block copies columns transposed in tiles of rows; every tile edge must hold."""
+    S = random_S(ranking.TRANSPOSE_TILE_ROWS * 2 + 37, 9, seed=13)
+    for a, b in ((0, 9), (2, 5), (8, 9)):
+        X = ranking.line_block(S, 0, a, b)
+        assert X.is_contiguous() and torch.equal(X, S[:, a:b].T)
