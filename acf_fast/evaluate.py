@@ -18,6 +18,11 @@ position there; a target outside it has rank
 its original rank whenever the head is a reordering of the original top k (what
 the re-ranker returns). R@K for K <= k therefore reads the head alone.
 
+Ranks are counted by :func:`acf_fast.ranking.target_positions`: a Triton kernel for
+float32/16/bf16 S on CUDA (``backend="auto"``), torch ops otherwise, the same
+integers either way. Every public function checks S once (NaN/Inf, shape) and hands
+the checked tensor to the internal ``_``-functions, which never check it again.
+
 Protocols: ``coco5k`` (5,000 x 25,000 at once), ``coco1k`` (five folds of 1,000 x
 5,000, every metric averaged over the folds; rsum = sum of the averaged six R@K,
 which equals the mean of the fold rsums - SCAN's 5-fold printout mislabels it),
@@ -31,8 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ranking import check_k, check_scores, count_before_targets
-from .rerank import NEIGHBOR_MODES, ORACLE_LABEL, rerank_i2t, rerank_t2i, text_neighbors
+from .ranking import check_k, check_scores, resolve_backend, target_positions
+from .rerank import NEIGHBOR_MODES, ORACLE_LABEL, _rerank_both, neighbors_of_checked
 from .validate import check_txt2img
 
 RECALL_KS = (1, 5, 10)
@@ -73,11 +78,9 @@ def _apply_heads(rank, heads, hit, score_t, score_h, idx_t, idx_h):
     return torch.where(pos >= 0, pos, k + rank - ahead)
 
 
-def ranks_i2t(S, txt2img=None, heads=None) -> torch.Tensor:
-    """(N,) long 0-based I2T rank of every image: min rank over its captions in its row."""
-    S = check_scores(S)
+def _ranks_i2t(S, g, heads, backend):
+    """I2T ranks of a checked S (N, M), g (M,) long on S's device, heads checked or None."""
     N, M = S.shape
-    g = check_txt2img(txt2img, N, M).to(S.device)
     t = torch.arange(M, device=S.device)
     own = S[g, t]  # score of each caption in its own image's row
     # Best caption of each image by (score desc, index asc): its rank is the min.
@@ -85,27 +88,48 @@ def ranks_i2t(S, txt2img=None, heads=None) -> torch.Tensor:
     best = torch.full((N,), M, dtype=torch.long, device=S.device).scatter_reduce(
         0, g, torch.where(own == top[g], t, M), "amin"
     )
-    rank = count_before_targets(S, best, axis=1)
+    rank = target_positions(S, best, 1, backend)
     if heads is None:
         return rank
-    heads = _check_heads(heads, N, M, "i2t_heads", S.device)
     rows = torch.arange(N, device=S.device)
     hit = g[heads] == rows[:, None]
     return _apply_heads(rank, heads, hit, S[rows, best], S.gather(1, heads), best, heads)
 
 
-def ranks_t2i(S, txt2img=None, heads=None) -> torch.Tensor:
-    """(M,) long 0-based T2I rank of every caption: rank of its image in its column."""
-    S = check_scores(S)
-    N, M = S.shape
-    g = check_txt2img(txt2img, N, M).to(S.device)
-    rank = count_before_targets(S, g, axis=0)
+def _ranks_t2i(S, g, heads, backend):
+    """T2I ranks of a checked S (N, M), g (M,) long on S's device, heads checked or None."""
+    M = S.shape[1]
+    rank = target_positions(S, g, 0, backend)
     if heads is None:
         return rank
-    heads = _check_heads(heads, M, N, "t2i_heads", S.device)
     cols = torch.arange(M, device=S.device)
     hit = heads == g[:, None]
     return _apply_heads(rank, heads, hit, S[g, cols], S[heads, cols[:, None]], g, heads)
+
+
+def _metrics_backend(backend: str, S: torch.Tensor) -> str:
+    return resolve_backend(backend, S, copy_bytes=0)  # the counting kernels read S in place
+
+
+def ranks_i2t(S, txt2img=None, heads=None, *, backend: str = "auto") -> torch.Tensor:
+    """(N,) long 0-based I2T rank of every image: min rank over its captions in its row
+    (in its re-ranked list when ``heads`` (N, k) is given)."""
+    return _checked_ranks(_ranks_i2t, "i2t_heads", S, txt2img, heads, backend)
+
+
+def ranks_t2i(S, txt2img=None, heads=None, *, backend: str = "auto") -> torch.Tensor:
+    """(M,) long 0-based T2I rank of every caption: rank of its image in its column
+    (in its re-ranked list when ``heads`` (M, k) is given)."""
+    return _checked_ranks(_ranks_t2i, "t2i_heads", S, txt2img, heads, backend)
+
+
+def _checked_ranks(ranks, name, S, txt2img, heads, backend):
+    S = check_scores(S)
+    N, M = S.shape
+    g = check_txt2img(txt2img, N, M).to(S.device)
+    if heads is not None:
+        heads = _check_heads(heads, *((N, M) if name == "i2t_heads" else (M, N)), name, S.device)
+    return ranks(S, g, heads, _metrics_backend(backend, S))
 
 
 def summarize_ranks(ranks) -> dict:
@@ -121,7 +145,7 @@ def _rsum(m: dict) -> float:
     return float(sum(m[d][f"r{K}"] for d in ("i2t", "t2i") for K in RECALL_KS))
 
 
-def recall_metrics(S, txt2img=None, i2t_heads=None, t2i_heads=None) -> dict:
+def recall_metrics(S, txt2img=None, i2t_heads=None, t2i_heads=None, *, backend: str = "auto") -> dict:
     """Spec §4 metrics of S (N, M): {"i2t": {r1 r5 r10 medr meanr}, "t2i": {...}, "rsum"}.
 
     Args:
@@ -129,10 +153,21 @@ def recall_metrics(S, txt2img=None, i2t_heads=None, t2i_heads=None) -> dict:
         txt2img: (M,) integer image id per caption; None = t // 5.
         i2t_heads: (N, k) re-ranked text ids per image, or None.
         t2i_heads: (M, k) re-ranked image ids per text, or None.
+        backend: "auto" (counting kernels for float32/16/bf16 S on CUDA), "torch" or
+            "triton"; the ranks are the same.
     """
     S = check_scores(S)
-    g = check_txt2img(txt2img, *S.shape)
-    out = {"i2t": summarize_ranks(ranks_i2t(S, g, i2t_heads)), "t2i": summarize_ranks(ranks_t2i(S, g, t2i_heads))}
+    N, M = S.shape
+    g = check_txt2img(txt2img, N, M).to(S.device)
+    hi = None if i2t_heads is None else _check_heads(i2t_heads, N, M, "i2t_heads", S.device)
+    ht = None if t2i_heads is None else _check_heads(t2i_heads, M, N, "t2i_heads", S.device)
+    return _recall(S, g, hi, ht, _metrics_backend(backend, S))
+
+
+def _recall(S, g, i2t_heads, t2i_heads, backend) -> dict:
+    """recall_metrics of checked inputs (g (M,) long on S's device)."""
+    out = {"i2t": summarize_ranks(_ranks_i2t(S, g, i2t_heads, backend)),
+           "t2i": summarize_ranks(_ranks_t2i(S, g, t2i_heads, backend))}
     out["rsum"] = _rsum(out)
     return out
 
@@ -143,18 +178,21 @@ def _average(metrics: list) -> dict:
     return out
 
 
-def _evaluate_one(S, g, *, rerank, k_i2t, k_t2i, kprime, n, neighbors, text_vectors):
-    plain = recall_metrics(S, g)
+def _evaluate_one(S, g, *, rerank, k_i2t, k_t2i, kprime, n, neighbors, text_vectors, backend):
+    """Plain and re-ranked metrics of a checked S (N, M), txt2img g (M,) long and
+    checked text_vectors: nothing here scans S to validate it again."""
+    g = g.to(S.device)
+    mb = _metrics_backend(backend, S)
+    plain = _recall(S, g, None, None, mb)
     if not rerank:
         return plain, None
     N, M = S.shape
-    check_k(k_i2t, M, "k_i2t", "list of captions per image")
-    check_k(k_t2i, N, "k_t2i", "list of images per caption")
+    k_i2t = check_k(k_i2t, M, "k_i2t", "list of captions per image")
+    k_t2i = check_k(k_t2i, N, "k_t2i", "list of images per caption")
     check_k(kprime, M if neighbors != "siblings" else 10**18, "kprime", "number of captions")
-    nb = text_neighbors(neighbors, kprime, S=S, text_vectors=text_vectors, txt2img=g.to(S.device))
-    heads_i2t = rerank_i2t(S, k_i2t, n)
-    heads_t2i = rerank_t2i(S, nb, k_t2i, n)
-    return plain, recall_metrics(S, g, heads_i2t, heads_t2i)
+    nb = neighbors_of_checked(neighbors, kprime, S, text_vectors, g, backend)
+    heads_i2t, heads_t2i = _rerank_both(S, nb.to(S.device), k_i2t, k_t2i, n, resolve_backend(backend, S))
+    return plain, _recall(S, g, heads_i2t, heads_t2i, mb)
 
 
 def evaluate_protocol(
@@ -169,6 +207,7 @@ def evaluate_protocol(
     n: Optional[int] = None,
     neighbors: Optional[str] = None,
     text_vectors=None,
+    backend: str = "auto",
 ) -> dict:
     """Evaluate S (N, M) under a protocol, plain and (optionally) re-ranked.
 
@@ -180,6 +219,8 @@ def evaluate_protocol(
         rerank: also compute ACF-R+ re-ranked metrics (k_i2t, k_t2i, kprime, n).
         neighbors: "embedding" | "profile" | "siblings"; None = "embedding" when
             ``text_vectors`` (M, E) is given, else "profile".
+        backend: "auto" | "torch" | "triton" for ranks, re-ranking and neighbours
+            (:mod:`acf_fast.ranking`); the results are the same.
 
     Returns:
         {"protocol", "images", "texts", "folds", "plain": metrics, "reranked":
@@ -199,24 +240,14 @@ def evaluate_protocol(
             "use --protocol any for other sizes"
         )
     g = check_txt2img(txt2img, N, M)
-    if isinstance(text_vectors, np.ndarray):
-        text_vectors = torch.from_numpy(text_vectors)
-    if neighbors is None:
-        neighbors = "embedding" if text_vectors is not None else "profile"
-    if rerank:
-        if neighbors not in NEIGHBOR_MODES:
-            raise ValueError(f"neighbors must be one of {NEIGHBOR_MODES}, got {neighbors!r}")
-        if neighbors == "embedding" and text_vectors is None:
-            raise ValueError("neighbors='embedding' needs text_vectors (M, E); use 'profile' for a bare S")
-        if text_vectors is not None and (not hasattr(text_vectors, "shape") or text_vectors.shape[0] != M):
-            raise ValueError(f"text_vectors must have one row per text ({M}), got {getattr(text_vectors, 'shape', None)}")
-    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors)
+    neighbors, text_vectors = _check_rerank_inputs(rerank, neighbors, text_vectors, M)
+    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend)
     folds = spec["folds"]
     result = {"protocol": protocol, "images": N, "texts": M, "folds": folds}
     if folds == 1:
         plain, reranked = _evaluate_one(S, g, text_vectors=text_vectors, **opts)
     else:
-        fold_results = kfold_metrics(S, folds, g, text_vectors=text_vectors, **opts)
+        fold_results = _kfold(S, folds, g, text_vectors, opts)
         result["fold_results"] = fold_results
         plain = _average([f["plain"] for f in fold_results])
         reranked = _average([f["reranked"] for f in fold_results]) if rerank else None
@@ -231,23 +262,47 @@ def evaluate_protocol(
     return result
 
 
+def _check_rerank_inputs(rerank: bool, neighbors, text_vectors, M: int):
+    """(neighbors mode, checked text_vectors or None); None mode = "embedding" when
+    text_vectors is given, else "profile"."""
+    if neighbors is None:
+        neighbors = "embedding" if text_vectors is not None else "profile"
+    if not rerank:
+        return neighbors, None
+    if neighbors not in NEIGHBOR_MODES:
+        raise ValueError(f"neighbors must be one of {NEIGHBOR_MODES}, got {neighbors!r}")
+    if neighbors != "embedding":
+        return neighbors, None
+    if text_vectors is None:
+        raise ValueError("neighbors='embedding' needs text_vectors (M, E); use 'profile' for a bare S")
+    text_vectors = check_scores(text_vectors, "text_vectors")
+    if text_vectors.shape[0] != M:
+        raise ValueError(f"text_vectors must have one row per text ({M}), got {tuple(text_vectors.shape)}")
+    return neighbors, text_vectors
+
+
 def kfold_metrics(S, folds: int, txt2img=None, *, rerank: bool = False, k_i2t: int = 15, k_t2i: int = 20,
-                  kprime: int = 5, n: Optional[int] = None, neighbors: Optional[str] = None, text_vectors=None) -> list:
+                  kprime: int = 5, n: Optional[int] = None, neighbors: Optional[str] = None, text_vectors=None,
+                  backend: str = "auto") -> list:
     """Metrics of each of ``folds`` equal contiguous image folds of S (N, M), each
     with the captions of its images (in index order). Returns a list of
     {"images": (start, stop), "plain": metrics, "reranked": metrics|None}."""
     S = check_scores(S)
     N, M = S.shape
-    if isinstance(text_vectors, np.ndarray):
-        text_vectors = torch.from_numpy(text_vectors)
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 1 <= folds <= N:
         raise ValueError(f"folds must be an int in [1, {N}] (S has {N} images), got {folds!r}")
+    g = check_txt2img(txt2img, N, M)
+    if isinstance(text_vectors, np.ndarray):
+        text_vectors = torch.from_numpy(text_vectors)
+    neighbors, text_vectors = _check_rerank_inputs(rerank, neighbors, text_vectors, M)
+    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend)
+    return _kfold(S, folds, g, text_vectors, opts)
+
+
+def _kfold(S, folds: int, g, text_vectors, opts: dict) -> list:
+    N = S.shape[0]
     if N % folds:
         raise ValueError(f"S has {N} images, not divisible into {folds} equal folds")
-    g = check_txt2img(txt2img, N, M)
-    if neighbors is None:
-        neighbors = "embedding" if text_vectors is not None else "profile"
-    opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors)
     size = N // folds
     out = []
     for f in range(folds):

@@ -2,7 +2,7 @@
 
 (a) ``similarity_case``: eager vs torch vs torch.compile(torch) vs triton, both
     variants, an N×M sweep; FLOPs from ``bench.flops`` (spec §8), TFLOP/s, peak memory.
-(b) ``rerank_case``: ``acf_fast.rerank`` vs the numpy per-query loops of ``bench.baselines``.
+(b) ``rerank_case``: ``acf_fast.rerank`` vs the numpy per-query loops of ``acf_fast.reference_ranking``.
 (c) ``metrics_case``: ``acf_fast.evaluate.recall_metrics`` vs a per-query argsort loop.
 (d) ``train_step_case``: one training step (forward, backward, Adam) per backend.
 ``ceiling_case`` measures the reference matmul rate in the same run, and
@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import baselines
+from acf_fast import reference_ranking as loops
+
 from .flops import grid_flops, matmul_flops, tflops
 from .timing import RssPeak, peak_memory, time_fn
 from .workloads import score_matrix, similarity_inputs
@@ -315,8 +316,8 @@ def rerank_case(sizes: Sequence[tuple], device, *, baseline_queries: int = 500, 
         nb = _text_neighbors_for(S, device)
         S_np, nb_np = _as_numpy(S), _as_numpy(nb)
         for direction, ours, loop, nq in (
-            ("i2t", lambda: rerank_i2t(S, k=15), lambda q: baselines.rerank_i2t_loop(S_np, 15, q), N),
-            ("t2i", lambda: rerank_t2i(S, nb, k=20), lambda q: baselines.rerank_t2i_loop(S_np, nb_np, 20, q), M),
+            ("i2t", lambda: rerank_i2t(S, k=15), lambda q: loops.rerank_i2t_loop(S_np, 15, queries=q), N),
+            ("t2i", lambda: rerank_t2i(S, nb, k=20), lambda q: loops.rerank_t2i_loop(S_np, nb_np, 20, queries=q), M),
         ):
             base = {"case": "rerank", "direction": direction, "N": N, "M": M, "queries": nq}
 
@@ -375,8 +376,8 @@ def metrics_case(sizes: Sequence[tuple], device, *, baseline_queries: int = 1000
             rows.append(dict(base, backend="acf_fast", status="error", note=f"{type(err).__name__}: {err}"[:500]))
         S_np, t_np = _as_numpy(S), _as_numpy(t2i)
         n, m = min(N, baseline_queries), min(M, 5 * baseline_queries)
-        ti = time_fn(lambda: baselines.i2t_ranks(S_np, t_np, range(n)), "cpu", repeats=1, warmup=0)["median_s"]
-        tt = time_fn(lambda: baselines.t2i_ranks(S_np, t_np, range(m)), "cpu", repeats=1, warmup=0)["median_s"]
+        ti = time_fn(lambda: loops.i2t_ranks(S_np, t_np, queries=range(n)), "cpu", repeats=1, warmup=0)["median_s"]
+        tt = time_fn(lambda: loops.t2i_ranks(S_np, t_np, queries=range(m)), "cpu", repeats=1, warmup=0)["median_s"]
         row = dict(base, backend="numpy loop", median_s=ti * N / n + tt * M / m, q20_s=None, q80_s=None, repeats=1,
                    method="wall-clock", status="measured" if (n, m) == (N, M) else "extrapolated")
         if (n, m) != (N, M):

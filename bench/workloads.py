@@ -131,3 +131,31 @@ def train_batch(B: int, *, K: int = 36, words: int = 32, Dv: int = 2048, Db: int
              "shuf_words": torch.randn(w.shape, generator=g) * m[..., None],
              "pos_shuf_words": torch.randn(pw.shape, generator=g) * pm[..., None]}
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def tied_score_matrix(N: int, M: int, *, per_image: int = 5, device="cpu", seed: int = 0, signal: float = 2.0,
+                      grid: float = 2.0**-8):
+    """:func:`score_matrix` with planted ties: every score rounded to a multiple of ``grid``
+    (2^-8: ~2,500 levels, so equal scores inside every list and a tied k-th boundary in
+    some of them), generated on ``device`` (so a GPU run does not wait for a CPU RNG).
+
+    Returns S (N, M) float32 and txt2img (M,) int64 on ``device``.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    S = torch.randn(N, M, generator=g, device=device)
+    txt2img = torch.arange(M, device=device) // per_image % N
+    S[txt2img, torch.arange(M, device=device)] += signal
+    return torch.round(S / grid) * grid, txt2img
+
+
+def text_vectors(M: int, D: int = 1024, *, device="cpu", seed: int = 0, duplicates: float = 0.01) -> torch.Tensor:
+    """(M, D) float32 random per-text vectors (the ``embedding`` neighbours' input), a
+    fraction ``duplicates`` of them exact copies of another text's vector (cosine ties)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    X = torch.randn(M, D, generator=g, device=device)
+    n = int(M * duplicates)
+    if n:
+        src = torch.randint(0, M, (n,), generator=g, device=device)
+        dst = torch.randint(0, M, (n,), generator=g, device=device)
+        X[dst] = X[src]
+    return X

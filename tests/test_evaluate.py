@@ -1,49 +1,15 @@
-"""Recall metrics and protocols (spec §4) against plain sort-based loops."""
-import math
-
+"""Recall metrics and protocols (spec §4) against the per-query reference loops
+(acf_fast.reference_ranking: argsort of each list, the re-ranked list built literally)."""
 import numpy as np
 import pytest
 import torch
 
 from acf_fast import evaluate as ev
+from acf_fast import ranking
+from acf_fast import rerank as rr
 from acf_fast.evaluate import evaluate_protocol, kfold_metrics, recall_metrics
+from acf_fast.reference_ranking import recall_loop
 from acf_fast.rerank import rerank_i2t, rerank_t2i, text_neighbors
-
-
-def ordered(scores):
-    return sorted(range(len(scores)), key=lambda j: (-scores[j], j))
-
-
-def loop_metrics(S, txt2img, i2t_heads=None, t2i_heads=None):
-    """Spec §4 literally: full sorted lists (head first, the rest in original order)."""
-    S = S.tolist()
-    N, M = len(S), len(S[0])
-
-    def new_list(orig, head):
-        if head is None:
-            return orig
-        rest = [x for x in orig if x not in head]
-        return list(head) + rest
-
-    r_i2t = []
-    for i in range(N):
-        lst = new_list(ordered(S[i]), None if i2t_heads is None else i2t_heads[i].tolist())
-        r_i2t.append(min(lst.index(t) for t in range(M) if txt2img[t] == i))
-    r_t2i = []
-    for t in range(M):
-        lst = new_list(ordered([S[i][t] for i in range(N)]), None if t2i_heads is None else t2i_heads[t].tolist())
-        r_t2i.append(lst.index(txt2img[t]))
-
-    def summ(r):
-        r = sorted(r)
-        m = len(r)
-        med = r[m // 2] if m % 2 else (r[m // 2 - 1] + r[m // 2]) / 2
-        return {"r1": 100 * sum(x < 1 for x in r) / m, "r5": 100 * sum(x < 5 for x in r) / m,
-                "r10": 100 * sum(x < 10 for x in r) / m, "medr": math.floor(med) + 1, "meanr": sum(r) / m + 1}
-
-    out = {"i2t": summ(r_i2t), "t2i": summ(r_t2i)}
-    out["rsum"] = sum(out[d][f"r{K}"] for d in ("i2t", "t2i") for K in (1, 5, 10))
-    return out
 
 
 def assert_metrics_equal(got, want):
@@ -76,7 +42,20 @@ def test_metrics_match_loop(ties, ragged):
     M = txt2img.numel()
     S = planted_S(N, M, txt2img, seed=M, ties=ties)
     t2i_arg = None if not ragged else txt2img
-    assert_metrics_equal(recall_metrics(S, t2i_arg), loop_metrics(S, txt2img.tolist()))
+    assert_metrics_equal(recall_metrics(S, t2i_arg), recall_loop(S, txt2img.tolist()))
+
+
+@pytest.mark.parametrize("tied_max", [1.0, -1.0])  # sums of signs and a recount of tied lines / thresholds
+def test_metrics_in_many_blocks_match_loop(tied_max, monkeypatch):
+    """Either counting method; block edges (rows and columns, the last block short)
+    must not change a rank."""
+    monkeypatch.setattr(ranking, "DEFAULT_BUDGET_BYTES", 600)
+    monkeypatch.setattr(ranking, "TIED_LINES_MAX_FRACTION", tied_max)
+    N, M = 17, 85
+    txt2img = torch.arange(M) // 5
+    S = planted_S(N, M, txt2img, seed=12, ties=True)
+    assert_metrics_equal(recall_metrics(S, txt2img, backend="torch"), recall_loop(S, txt2img))
+    assert_metrics_equal(recall_metrics(S.double(), txt2img), recall_loop(S, txt2img))
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -86,7 +65,7 @@ def test_metrics_with_reranked_heads_match_loop(ties):
     S = planted_S(N, M, txt2img, seed=4, ties=ties)
     hi = rerank_i2t(S, k=7)
     ht = rerank_t2i(S, text_neighbors("profile", 3, S=S), k=6)
-    assert_metrics_equal(recall_metrics(S, None, hi, ht), loop_metrics(S, txt2img.tolist(), hi, ht))
+    assert_metrics_equal(recall_metrics(S, None, hi, ht), recall_loop(S, txt2img.tolist(), hi, ht))
 
 
 def test_arbitrary_heads_follow_the_documented_rule():
@@ -97,7 +76,7 @@ def test_arbitrary_heads_follow_the_documented_rule():
     g = torch.Generator().manual_seed(2)
     hi = torch.stack([torch.randperm(M, generator=g)[:6] for _ in range(N)])
     ht = torch.stack([torch.randperm(N, generator=g)[:4] for _ in range(M)])
-    assert_metrics_equal(recall_metrics(S, None, hi, ht), loop_metrics(S, txt2img.tolist(), hi, ht))
+    assert_metrics_equal(recall_metrics(S, None, hi, ht), recall_loop(S, txt2img.tolist(), hi, ht))
 
 
 def test_rsum_and_median_even_count():
@@ -129,7 +108,7 @@ def test_kfold_averages_folds_computed_alone():
     singles = []
     for f in range(5):
         Sf = S[10 * f : 10 * f + 10, 50 * f : 50 * f + 50]
-        singles.append(loop_metrics(Sf, (torch.arange(50) // 5).tolist()))
+        singles.append(recall_loop(Sf, (torch.arange(50) // 5).tolist()))
         assert_metrics_equal(folds[f]["plain"], singles[-1])
     assert len({f["plain"]["rsum"] for f in folds}) > 1, "folds should differ"
 
@@ -138,7 +117,7 @@ def test_coco1k_protocol_averages_and_labels_rsum(monkeypatch):
     S, txt2img = fold_S(3)
     monkeypatch.setitem(ev.PROTOCOLS, "coco1k", {"shape": (50, 250), "folds": 5})
     res = evaluate_protocol(S, "coco1k")
-    singles = [loop_metrics(S[10 * f : 10 * f + 10, 50 * f : 50 * f + 50], (torch.arange(50) // 5).tolist())
+    singles = [recall_loop(S[10 * f : 10 * f + 10, 50 * f : 50 * f + 50], (torch.arange(50) // 5).tolist())
                for f in range(5)]
     for d in ("i2t", "t2i"):
         for key in ev.METRIC_KEYS:
@@ -207,3 +186,57 @@ def test_bad_heads():
         recall_metrics(S, None, t2i_heads=torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="outside"):
         recall_metrics(S, None, t2i_heads=torch.full((15, 1), 3))
+
+
+# ------------------------------------------------------------------ the triton path (interpreter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [False, True])
+def test_triton_metrics_equal_torch_and_loop(dtype, heads, monkeypatch):
+    """Counting kernels (small tiles, so every line spans several blocks and splits)
+    vs the torch path vs the loop: ragged captions, planted ties, -0.0, subnormals."""
+    from acf_fast.kernels import ranking as kernels
+
+    monkeypatch.setattr(kernels, "TARGETS_ROWS", (2, 8, 16))
+    monkeypatch.setattr(kernels, "TARGETS_COLUMNS", (4, 4, 8))
+    g = torch.Generator().manual_seed(11)
+    N = 13
+    txt2img = torch.cat([torch.arange(N), torch.randint(0, N, (24,), generator=g)])
+    txt2img = txt2img[torch.randperm(txt2img.numel(), generator=g)]
+    M = txt2img.numel()  # 37: no block size divides either side
+    S = planted_S(N, M, txt2img, seed=5, ties=True)
+    S[0, :6] = -0.0
+    S[1, :4] = torch.tensor([1e-40, 0.0, -1e-40, 0.0])  # subnormals are not zero
+    S = S.to(dtype)
+    hi = ht = None
+    if heads:
+        hi = torch.stack([torch.randperm(M, generator=g)[:6] for _ in range(N)])
+        ht = torch.stack([torch.randperm(N, generator=g)[:4] for _ in range(M)])
+    got = recall_metrics(S, txt2img, hi, ht, backend="triton")
+    assert got == recall_metrics(S, txt2img, hi, ht, backend="torch")
+    assert_metrics_equal(got, recall_loop(S.float(), txt2img, hi, ht))
+    ri = ev.ranks_i2t(S, txt2img, hi, backend="triton")
+    assert torch.equal(ri, ev.ranks_i2t(S, txt2img, hi, backend="torch"))
+
+
+def test_one_validation_of_S_per_public_call(monkeypatch):
+    """A re-ranked evaluation reads S's values for validation once (it did ~10 times)."""
+    seen = []
+
+    def counting(check):
+        def wrapped(X, name="S"):
+            if name == "S":
+                seen.append(X.shape)
+            return check(X, name)
+        return wrapped
+
+    for mod in (ev, rr, ranking):
+        monkeypatch.setattr(mod, "check_scores", counting(ranking.check_scores))
+    S, txt2img = fold_S(2)
+    evaluate_protocol(S, rerank=True, k_i2t=5, k_t2i=4, kprime=3)
+    assert len(seen) == 1
+    seen.clear()
+    monkeypatch.setitem(ev.PROTOCOLS, "coco1k", {"shape": (50, 250), "folds": 5})
+    evaluate_protocol(S, "coco1k", rerank=True, k_i2t=5, k_t2i=4, kprime=3, neighbors="siblings")
+    assert len(seen) == 1

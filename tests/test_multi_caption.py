@@ -110,7 +110,7 @@ def test_ranks_use_each_images_own_captions(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_metrics_match_loop_on_ragged_captions(seed):
     from acf_fast.evaluate import recall_metrics
-    from bench.baselines import recall_loop
+    from acf_fast.reference_ranking import recall_loop
 
     rng = np.random.default_rng(seed)
     N = 23

@@ -1,72 +1,21 @@
-"""ACF-R+ re-ranking (spec §5) against per-query Python loops written from the spec.
-
-The loops below sort each list with Python's ``sorted`` on (-score, index) and read
-positions with ``list.index``: nothing shared with the vectorised code.
-"""
+"""ACF-R+ re-ranking (spec §5), torch path, against the per-query reference loops
+(acf_fast.reference_ranking: numpy argsort of each list, positions counted per query;
+nothing shared with the vectorised code). The triton path: test_rerank_triton.py."""
 import numpy as np
 import pytest
 import torch
 
 from acf_fast import ranking
-from acf_fast.rerank import rerank_i2t, rerank_t2i, text_neighbors
+from acf_fast.reference_ranking import cosine_neighbors_loop, rerank_i2t_loop, rerank_t2i_loop, siblings_loop
+from acf_fast.rerank import rerank, rerank_i2t, rerank_t2i, text_neighbors
 
 
-def ordered(scores):
-    """Indices of a 1-D list by (score desc, index asc)."""
-    return sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+def loop_i2t(S, k, n):
+    return torch.from_numpy(rerank_i2t_loop(S.double(), k, n))
 
 
-def loop_rerank_i2t(S, k, n):
-    S = S.tolist()
-    N, M = len(S), len(S[0])
-    out = []
-    for i in range(N):
-        C = ordered(S[i])[:k]
-        r = []
-        for t in C:
-            col = [S[x][t] for x in range(N)]
-            pos = ordered(col).index(i) + 1
-            r.append(pos if n is None else min(pos, n + 1))
-        out.append([C[j] for j in sorted(range(k), key=lambda j: (r[j], j))])
-    return torch.tensor(out)
-
-
-def loop_rerank_t2i(S, nb, k, n):
-    S, nb = S.tolist(), nb.tolist()
-    N, M = len(S), len(S[0])
-    out = []
-    for t in range(M):
-        C = ordered([S[i][t] for i in range(N)])[:k]
-        r = []
-        for c in C:
-            row_order = ordered(S[c])
-            pos = min(row_order.index(u) + 1 for u in nb[t])
-            r.append(pos if n is None else min(pos, n + 1))
-        out.append([C[j] for j in sorted(range(k), key=lambda j: (r[j], j))])
-    return torch.tensor(out)
-
-
-def loop_cos_neighbors(X, k):
-    X = X.to(torch.float64).tolist()
-    out = []
-    for t in range(len(X)):
-        cos = []
-        for u in range(len(X)):
-            dot = sum(a * b for a, b in zip(X[t], X[u]))
-            nt = sum(a * a for a in X[t]) ** 0.5
-            nu = sum(b * b for b in X[u]) ** 0.5
-            cos.append(dot / max(nt * nu, 1e-8))
-        others = [u for u in ordered(cos) if u != t]
-        out.append([t] + others[: k - 1])
-    return torch.tensor(out)
-
-
-def loop_siblings(txt2img, k):
-    out = []
-    for t, g in enumerate(txt2img):
-        sib = [u for u in range(len(txt2img)) if txt2img[u] == g and u != t][: k - 1]
-        out.append([t] + sib + [t] * (k - 1 - len(sib)))
-    return torch.tensor(out)
+def loop_t2i(S, nb, k, n):
+    return torch.from_numpy(rerank_t2i_loop(S.double(), nb, k, n))
 
 
 def random_S(N, M, seed, ties=False, dtype=torch.float32):
@@ -99,7 +48,7 @@ CASES = [  # N, M, k, n, ties, dtype
 @pytest.mark.parametrize("N,M,k,n,ties,dtype", CASES)
 def test_i2t_matches_loop(N, M, k, n, ties, dtype, count_path):
     S = random_S(N, M, seed=N * M + k, ties=ties, dtype=dtype)
-    assert torch.equal(rerank_i2t(S, k=k, n=n), loop_rerank_i2t(S.double(), k, n))
+    assert torch.equal(rerank_i2t(S, k=k, n=n), loop_i2t(S.double(), k, n))
 
 
 @pytest.mark.parametrize("N,M,k,n,ties,dtype", CASES)
@@ -112,44 +61,44 @@ def test_t2i_matches_loop_every_mode(N, M, k, n, ties, dtype, mode, count_path):
     vecs = torch.randn(M, 6, generator=g)
     nb = text_neighbors(mode, kp, S=S, text_vectors=vecs, txt2img=txt2img)
     if mode == "embedding":
-        want_nb = loop_cos_neighbors(vecs, kp)
+        want_nb = torch.from_numpy(cosine_neighbors_loop(vecs, kp))
     elif mode == "profile":
-        want_nb = loop_cos_neighbors(S.double().T, kp)
+        want_nb = torch.from_numpy(cosine_neighbors_loop(S.T, kp))
     else:
-        want_nb = loop_siblings(txt2img.tolist(), kp)
+        want_nb = torch.from_numpy(siblings_loop(txt2img, kp))
     assert torch.equal(nb, want_nb)
-    assert torch.equal(rerank_t2i(S, nb, k=k, n=n), loop_rerank_t2i(S.double(), nb, k, n))
+    assert torch.equal(rerank_t2i(S, nb, k=k, n=n), loop_t2i(S.double(), nb, k, n))
 
 
 def test_neighbors_with_duplicate_vectors_break_ties_by_index():
     g = torch.Generator().manual_seed(5)
     protos = torch.randn(4, 8, generator=g)
     vecs = protos[torch.tensor([0, 1, 0, 2, 1, 0, 3, 0, 1])]  # exact duplicates: cosine ties
-    assert torch.equal(text_neighbors("embedding", 4, text_vectors=vecs), loop_cos_neighbors(vecs, 4))
+    assert torch.equal(text_neighbors("embedding", 4, text_vectors=vecs), torch.from_numpy(cosine_neighbors_loop(vecs, 4)))
 
 
 def test_siblings_more_captions_than_k_and_unsorted_ids():
     txt2img = torch.tensor([2, 0, 2, 1, 2, 2, 0, 1, 2, 2])
-    assert torch.equal(text_neighbors("siblings", 3, txt2img=txt2img), loop_siblings(txt2img.tolist(), 3))
+    assert torch.equal(text_neighbors("siblings", 3, txt2img=txt2img), torch.from_numpy(siblings_loop(txt2img, 3)))
 
 
 def test_k_equal_to_list_length_and_k_one():
     S = random_S(6, 8, seed=1, ties=True)
-    assert torch.equal(rerank_i2t(S, k=8), loop_rerank_i2t(S.double(), 8, None))
+    assert torch.equal(rerank_i2t(S, k=8), loop_i2t(S.double(), 8, None))
     nb = text_neighbors("profile", 2, S=S)
-    assert torch.equal(rerank_t2i(S, nb, k=6), loop_rerank_t2i(S.double(), nb, 6, None))
-    assert torch.equal(rerank_i2t(S, k=1), loop_rerank_i2t(S.double(), 1, None))
+    assert torch.equal(rerank_t2i(S, nb, k=6), loop_t2i(S.double(), nb, 6, None))
+    assert torch.equal(rerank_i2t(S, k=1), loop_i2t(S.double(), 1, None))
 
 
 def test_negative_zero_ties_with_positive_zero():
     S = torch.tensor([[0.0, -0.0, 1.0, -0.0], [-0.0, 0.0, 0.0, 2.0], [0.0, 0.0, -1.0, -0.0]])
-    assert torch.equal(rerank_i2t(S, k=4), loop_rerank_i2t(S.double(), 4, None))
+    assert torch.equal(rerank_i2t(S, k=4), loop_i2t(S.double(), 4, None))
     nb = torch.tensor([[0, 1], [1, 3], [2, 0], [3, 2]])
     for frac, direct in ((0.25, 0), (-1.0, 0), (-1.0, 10**9)):
         old = ranking.SURVIVOR_MAX_FRACTION, ranking.DIRECT_MAX_QUERIES_PER_LINE
         ranking.SURVIVOR_MAX_FRACTION, ranking.DIRECT_MAX_QUERIES_PER_LINE = frac, direct
         try:
-            assert torch.equal(rerank_t2i(S, nb, k=3), loop_rerank_t2i(S.double(), nb, 3, None))
+            assert torch.equal(rerank_t2i(S, nb, k=3), loop_t2i(S.double(), nb, 3, None))
         finally:
             ranking.SURVIVOR_MAX_FRACTION, ranking.DIRECT_MAX_QUERIES_PER_LINE = old
 
@@ -159,9 +108,9 @@ def test_small_budget_uses_many_blocks(monkeypatch):
     monkeypatch.setattr(ranking, "DEFAULT_BUDGET_BYTES", 512)
     monkeypatch.setattr(ranking, "CPU_PASS_BYTES", 512)
     S = random_S(17, 41, seed=11, ties=True)
-    assert torch.equal(rerank_i2t(S, k=6, n=None), loop_rerank_i2t(S.double(), 6, None))
+    assert torch.equal(rerank_i2t(S, k=6, n=None), loop_i2t(S.double(), 6, None))
     nb = text_neighbors("siblings", 3, txt2img=torch.arange(41) % 17)
-    assert torch.equal(rerank_t2i(S, nb, k=5), loop_rerank_t2i(S.double(), nb, 5, None))
+    assert torch.equal(rerank_t2i(S, nb, k=5), loop_t2i(S.double(), nb, 5, None))
 
 
 @pytest.mark.parametrize("frac", [1.0, 0.25, -1.0])
@@ -178,6 +127,14 @@ def test_positions_match_count_definition(frac, monkeypatch):
             v, j = line[items[q]], int(items[q])
             want = int((line > v).sum()) + int((line[:j] == v).sum()) + 1
             assert int(got[q]) == want
+
+
+def test_rerank_both_equals_each_direction():
+    S = random_S(12, 31, seed=6, ties=True)
+    nb = text_neighbors("profile", 3, S=S)
+    hi, ht = rerank(S, nb, 7, 5, n=3)
+    assert torch.equal(hi, rerank_i2t(S, 7, 3)) and torch.equal(ht, rerank_t2i(S, nb, 5, 3))
+    assert torch.equal(hi, loop_i2t(S, 7, 3)) and torch.equal(ht, loop_t2i(S, nb, 5, 3))
 
 
 def test_numpy_input_and_determinism():
@@ -212,17 +169,9 @@ def test_bad_inputs(call, match):
         call(S)
 
 
-@pytest.mark.gpu
-def test_cuda_matches_cpu(device):
-    """Same ids on the GPU (radix sorts, other reduction orders) as on the CPU."""
-    from acf_fast.evaluate import recall_metrics
-
-    S = random_S(300, 1500, seed=3, ties=True)
-    txt2img = torch.arange(1500) // 5
-    # (profile/embedding cosines may differ in the last bit between devices: not compared)
-    nb = text_neighbors("siblings", 5, txt2img=txt2img)
-    assert torch.equal(text_neighbors("siblings", 5, txt2img=txt2img.to(device)).cpu(), nb)
-    hi, ht = rerank_i2t(S, 15, n=40), rerank_t2i(S, nb, 20)
-    hi_d, ht_d = rerank_i2t(S.to(device), 15, n=40), rerank_t2i(S.to(device), nb.to(device), 20)
-    assert torch.equal(hi_d.cpu(), hi) and torch.equal(ht_d.cpu(), ht)
-    assert recall_metrics(S.to(device), None, hi_d, ht_d) == recall_metrics(S, None, hi, ht)
+def test_column_blocks_are_copied_in_tiles():
+    """line_block copies columns transposed in tiles of rows; every tile edge must hold."""
+    S = random_S(ranking.TRANSPOSE_TILE_ROWS * 2 + 37, 9, seed=13)
+    for a, b in ((0, 9), (2, 5), (8, 9)):
+        X = ranking.line_block(S, 0, a, b)
+        assert X.is_contiguous() and torch.equal(X, S[:, a:b].T)
