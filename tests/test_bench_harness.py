@@ -17,7 +17,7 @@ from acf_fast.commands.bench import _sizes, load_bench_package
 
 load_bench_package()
 
-from bench import cases, device, flops, markdown, readme, report, timing  # noqa: E402
+from bench import cases, device, flops, markdown, readme, report, timing, workloads  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- FLOPs
