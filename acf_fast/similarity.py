@@ -81,7 +81,7 @@ def acf_similarity(
     )
     if backend == "auto":
         backend = "triton" if V.is_cuda else "torch"
-    if backend != "torch" and V.dtype != torch.float64:
+    if backend == "eager" and V.dtype != torch.float64:
         _check_magnitudes(V, v_mask, W, w_mask, G, backend)
     kwargs = dict(heads=heads, scale=scale, u1=float(u1), u2=float(u2), weights=weights, G=G, global_emb=global_emb)
     if backend == "eager":
@@ -97,10 +97,10 @@ def acf_similarity(
     return triton_similarity(V, v_mask, W, w_mask, **kwargs)
 
 
-# Largest c_v c_w (see fused_torch.magnitude_scales) the eager and Triton backends take
-# in float32 or lower: their ‖x‖² and Gram forms overflow past ~1e18 (eager then returned
-# 0, the Triton kernel ~1e28, for V x 1e20; issue 14). 2^40 leaves a wide margin below
-# that for D and weights; the model's features are at most ~10.
+# Largest c_v c_w (see fused_torch.magnitude_scales) the eager backend takes in float32
+# or lower: its ‖x‖² and Gram forms overflow past ~1e18 (it returned 0 for V x 1e20;
+# issue 14). 2^40 leaves a wide margin below that for D and weights; the model's
+# features are at most ~10. The torch and Triton backends rescale exactly instead.
 MAX_UNSCALED = 2.0 ** 40
 
 

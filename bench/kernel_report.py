@@ -99,7 +99,8 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                            stride_vh="i64:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
                            wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st, gi_ptr="*fp32", gt_ptr="*fp32",
-                           N="i32", Mb="i32", n_tt="i32", E="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32")
+                           N="i32", Mb="i32", n_tt="i32", E="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
+                           eps="fp32")
                 for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch
                     meta = {**ce, **cfg.kwargs}
                     out.append(dict(request=dict(fn=tiles._tile_kernel, signature=sig, constexprs=meta,

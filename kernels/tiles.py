@@ -131,7 +131,7 @@ def _tile_kernel(
     # EMBED: Gi (n, E), Gt (Mb, E) fp32 (bucket order)
     gi_ptr, gt_ptr,
     N, Mb, n_tt, E,
-    s_i2t, s_t2i, u1, u2,
+    s_i2t, s_t2i, u1, u2, eps,
     H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
     GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
@@ -312,7 +312,7 @@ def _tile_kernel(
 
         # ---- cosines, then the mean over each pair's valid query rows
         vn = tl.load(vnorm_ptr + vrow, mask=row_in, other=0.0)
-        cos_i = num_i / tl.maximum(vn[:, None] * tl.sqrt(nrm_i), 1e-8)  # (BR, GT)
+        cos_i = num_i / tl.maximum(vn[:, None] * tl.sqrt(nrm_i), eps)  # (BR, GT)
         cos_i = tl.where(v_valid[:, None], cos_i, 0.0)
         i2t = tl.zeros((GIP, GT), dtype=tl.float32)
         for g in tl.static_range(GI):
@@ -320,7 +320,7 @@ def _tile_kernel(
             i2t = tl.where(slot_i[:, None] == g, mean_g[None, :], i2t)
         i2t = i2t / cnt_i[:, None]
         wn = tl.load(wnorm_ptr + wrow, mask=col_in, other=0.0)
-        cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), 1e-8)  # (BC, GIP)
+        cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), eps)  # (BC, GIP)
         cos_t = tl.where(w_valid[:, None], cos_t, 0.0)
         t2i = tl.sum(tl.reshape(cos_t, (GT, LB, GIP)), axis=1) / cnt_t[:, None]  # (GT, GIP)
         s = u1 * i2t + (1.0 - u1) * tl.trans(t2i)  # (GIP, GT)
@@ -688,7 +688,7 @@ def _num_sms(device) -> int:
     return 4  # interpreter: a few programs, so the persistent loop is exercised
 
 
-def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float) -> None:
+def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float) -> None:
     """out[i, col] += (1 - u2) * cos(V_g, W_g) for images [lo, hi) and the bucket's texts."""
     g = plan.glob
     n, Mb = hi - lo, bucket.Mb
@@ -702,7 +702,7 @@ def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: 
     Vg = Vg.view(n, Mb, -1).mul_(g.sigma).add_(plan.images.gx[lo:hi, None, :])
     Wg = Wg.view(n, Mb, -1)
     dot = (Vg * Wg).sum(-1)
-    den = (Vg.norm(dim=-1) * Wg.norm(dim=-1)).clamp_(min=1e-8)
+    den = (Vg.norm(dim=-1) * Wg.norm(dim=-1)).clamp_(min=eps)
     cols = bucket.col.to(torch.long)
     out[lo:hi, cols] += (1.0 - u2) * (dot / den)
 
@@ -722,11 +722,13 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: float,
                  gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
                  cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
-                 global_pairs: int = GLOBAL_PAIRS) -> torch.Tensor:
+                 global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8) -> torch.Tensor:
     """Write S (N, M) float32 into ``out``: one launch per text bucket (and, with the
     pairwise global score, per chunk of images of at most ``global_pairs`` pairs).
 
     ``gi`` (N, E), ``gt`` (M, E) fp32: the embedding global score (original text order);
+    ``eps``: the cosines' clamp (1e-8, spec notation; divided by the scale factors when
+    the caller has rescaled huge inputs, see kernels/similarity.py);
     ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
     without autotuning (offline report, tests)."""
     img = plan.images
@@ -759,7 +761,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                     b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam if plan.full else img.norm,
                     scratch, kap, lam,
                     gi[lo:hi] if embed else img.norm, gtb,
-                    hi - lo, b.Mb, n_tt, E, float(scale[0]), float(scale[1]), float(u1), float(u2))
+                    hi - lo, b.Mb, n_tt, E, float(scale[0]), float(scale[1]), float(u1), float(u2), float(eps))
             grid = (programs,)
             if tuned:
                 _tile_tuned[grid](*args, **meta)
@@ -767,5 +769,5 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 cfg = _configs(_INTERPRET)[0]
                 _tile_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if plan.glob is not None:
-                _add_global(out, plan, b, kap, lam, lo, hi, u2)
+                _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
     return out
