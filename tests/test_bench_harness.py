@@ -7,6 +7,7 @@ import math
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,6 +325,33 @@ def test_readme_block_from_newest_results(tmp_path):
         assert t in held or t in notes, t
     readme.update_readme(path, res_dir)  # idempotent
     assert path.read_text() == out
+
+
+def test_readme_block_shows_every_gpu_check_and_the_kernel_report(tmp_path):
+    """Both gpu_check layouts (the committed v1 baseline and today's script) and the
+    newest offline kernel report reach the block, with their own numbers."""
+    res_dir = tmp_path / "results"
+    atomic_write_text(res_dir / "cpu.json", json.dumps(report.jsonable(_fake_results())))
+    gpu = res_dir / "gpu"
+    baseline = Path(readme.__file__).parent / "results" / "gpu" / "nvidia-h200-2026-11-30-gpu_check-kernel-v1.json"
+    atomic_write_text(gpu / baseline.name, baseline.read_text())
+    v2 = {"device": "NVIDIA X", "date": "2027-01-02T00:00:00+00:00", "torch": "t", "triton": "3.6.0",
+          "results": [{"variant": "paper", "dtype": "bf16", "v2_vs_float64": 1.25e-4, "full_end_to_end_s": 4.321,
+                       "full_tflops": 238.0, "speedup_of_v2_full": {"vs_torch": 77.0},
+                       "full_energy": {"joules": 2345.0}}]}
+    atomic_write_text(gpu / "nvidia-x-2027-01-02-gpu_check.json", json.dumps(v2))
+    kern = res_dir / "kernels"
+    atomic_write_text(kern / "kernel-report-sm90-triton3.9-2026-01-01.md", "| old table |\n")
+    atomic_write_text(kern / "kernel-report-sm90-triton3.9-2026-12-06.md", "| new table 4242 |\n")
+    block = readme.render_block(res_dir, tmp_path)
+    assert "| paper | bf16 | v2 (tiles) | 1.3e-04 | 4.32 s | 238 | 77× | 2345 |" in block
+    assert "| acf-code | bfloat16 | v1 (one pair per program) | 4.4e-06 | 19.1 s | 16 | 17× | — |" in block
+    assert "121 s predicted" in block  # v1 paper's full grid was not run
+    assert block.index("NVIDIA X") < block.index("NVIDIA H200")  # newest first
+    assert "new table 4242" in block and "old table" not in block
+    assert "GPU figures" not in block and "Kernel v2 has not run on a GPU" not in block  # NVIDIA X timed v2
+    (gpu / "nvidia-x-2027-01-02-gpu_check.json").unlink()
+    assert "Kernel v2 has not run on a GPU" in readme.render_block(res_dir, tmp_path)
 
 
 def test_readme_markers(tmp_path):
