@@ -88,14 +88,12 @@ def rank_device(name, local_rank: int) -> torch.device:
 @contextmanager
 def ranks(device="auto"):
     """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1)
-    and leave it at the end; yields :class:`Ranks`. A process group already joined (by
-    the caller) is used and left alone; with neither, yields the single process."""
-    import torch.distributed as dist
-
+    and leave it at the end; yields :class:`Ranks`. Under torchrun a group the caller
+    already joined is used and left alone. Without WORLD_SIZE > 1, the single process
+    (even inside a group joined otherwise, where one rank may evaluate alone)."""
     from .train import distributed
 
-    joined = dist.is_available() and dist.is_initialized()
-    if not joined and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Ranks(device=device)
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
