@@ -191,7 +191,7 @@ def check_model_fits(model, data, words, checkpoint, folder, split: str) -> None
 
 @dataclass
 class ScoredSplit:
-    """S (N, M) float32 CPU tensor, text_vectors (M, D) float32 CPU tensor (the model's
+    """S (N, M) float32 CPU tensor (None on the ranks other than 0 of a sharded run), text_vectors (M, D) float32 CPU tensor (the model's
     per-text vectors, for ``embedding`` neighbours), txt2img (M,) int64, and info: how
     it was scored (backend, precision, device, chunks reused / computed, work folder)."""
 
@@ -214,6 +214,7 @@ def score_split(
     text_chunk: Optional[int] = None,
     progress: bool = True,
     on_chunk: Optional[Callable[[int, int], None]] = None,
+    group=None,
 ) -> ScoredSplit:
     """Score a SCAN-layout split (captions encoded by ``acf-fast data encode``) in
     resumable chunks of images.
@@ -225,6 +226,10 @@ def score_split(
         backend: ``acf_similarity`` backend. device: "auto", "cpu", "cuda", ...
         precision: one of PRECISIONS (see the module docstring).
         on_chunk: called with (start, stop) after each newly computed chunk is saved.
+        group: :class:`acf_fast.sharded.Ranks` of a ``torchrun`` process group (from
+            :func:`acf_fast.sharded.ranks`): every rank calls this, scores its share of
+            the chunks, and rank 0 alone gets S; the other ranks get ``S = None``.
+            None or one rank: this process scores everything.
     """
     import acf_fast
     from .data import load_encoded, load_split
@@ -264,6 +269,12 @@ def score_split(
         regions, rmask, glob = image_tensors(data, slice(a, b), dev)
         return score_images(model, texts, regions, rmask, glob, backend=backend, precision=precision)
 
-    S, info = cache.fill(rows, progress=progress, desc=f"score {split}", on_chunk=on_chunk)
-    return ScoredSplit(torch.from_numpy(S), texts.vectors, np.asarray(data.txt2img, dtype=np.int64),
-                       dict(info, **settings, split=split))
+    if group is not None and group.enabled:
+        from .sharded import fill_sharded
+
+        S, info = fill_sharded(cache, rows, group, progress=progress, desc=f"score {split}", on_chunk=on_chunk)
+    else:
+        S, info = cache.fill(rows, progress=progress, desc=f"score {split}", on_chunk=on_chunk)
+        info["ranks"] = 1
+    return ScoredSplit(None if S is None else torch.from_numpy(S), texts.vectors,
+                       np.asarray(data.txt2img, dtype=np.int64), dict(info, **settings, split=split))

@@ -126,9 +126,14 @@ def run(args) -> int:
         data_files = [p for p in require_folder(args.data, "--data").iterdir() if p.is_file()]
         check_outputs({"--out": args.out, "--save-sims": args.save_sims},
                       inputs={"--checkpoint": require_file(args.checkpoint, "--checkpoint"), "--data": data_files})
-        scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
-                             device=args.device, precision=args.precision, chunk_images=args.chunk_images,
-                             progress=not args.quiet)
+        from ..sharded import ranks
+
+        with ranks(args.device) as group:  # under torchrun: this rank's share of the chunks, S on rank 0
+            scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
+                                 device=group.device, precision=args.precision, chunk_images=args.chunk_images,
+                                 progress=not args.quiet, group=group)
+        if scored.S is None:
+            return 0  # another rank than 0: rank 0 ranks, re-ranks and writes
         if args.save_sims is not None:
             atomic_save_npy(args.save_sims, scored.S.numpy())
         result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors, **opts)

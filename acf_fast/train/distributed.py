@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -32,8 +33,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device: torch.device) -> DistInfo:
-    """Join the process group described by the environment (or an existing one)."""
+def setup(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo:
+    """Join the process group described by the environment (or an existing one).
+
+    ``timeout``: how long a collective or send/recv may wait for the other ranks
+    (torch's default when None: 10 minutes for NCCL, 30 for gloo)."""
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -42,7 +46,7 @@ def setup(device: torch.device) -> DistInfo:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
