@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from .machine import resolve_device
+from .train import distributed
+from .train.distributed import DistInfo
 
 # A rank that has finished its chunks waits for the slowest one (whose chunks may all be
 # missing after a resume) in recv/send: torch's default of 10 (NCCL) or 30 minutes would
@@ -50,22 +52,13 @@ TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
-class Ranks:
-    """Where this process stands: rank (0 = main) of world processes, and the device it
-    scores on (``cuda:LOCAL_RANK`` for several ranks on CUDA; with one process, the
-    ``--device`` string as given, resolved later by ``score_split``)."""
+class Ranks(DistInfo):
+    """Where this process stands (rank 0 = main, of ``world`` processes; see
+    :class:`acf_fast.train.distributed.DistInfo`) and the device it scores on
+    (``cuda:LOCAL_RANK`` for several ranks on CUDA; with one process, the ``--device``
+    string as given, resolved later by ``score_split``)."""
 
-    rank: int = 0
-    world: int = 1
     device: Union[str, torch.device] = "auto"
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def rank_device(name, local_rank: int) -> torch.device:
@@ -91,8 +84,6 @@ def ranks(device="auto"):
     and leave it at the end; yields :class:`Ranks`. Under torchrun a group the caller
     already joined is used and left alone. Without WORLD_SIZE > 1, the single process
     (even inside a group joined otherwise, where one rank may evaluate alone)."""
-    from .train import distributed
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Ranks(device=device)
         return
@@ -102,7 +93,7 @@ def ranks(device="auto"):
         torch.cuda.set_device(dev)
     info = distributed.setup(dev, timeout=TIMEOUT)
     try:
-        yield Ranks(info.rank, info.world, dev)
+        yield Ranks(info.rank, info.world, info.local_rank, info.owns_group, dev)
     finally:
         distributed.teardown(info)
 
