@@ -525,3 +525,106 @@ def dot_scorer(A: torch.Tensor, B: torch.Tensor) -> Scorer:
         return A[rows.to(A.device)] @ B[cols.to(B.device)].T
 
     return score
+
+
+class ACFBlockScorer:
+    """ACF on a data split as a block scorer: images encoded per row tile (once per tile
+    per pass), texts encoded once (:func:`acf_fast.scoring.encode_texts`), each tile
+    scored by ``model.score`` per text chunk, as :func:`acf_fast.scoring.score_images`.
+
+    ``row_tiles`` are the image chunks of ``chunk_images`` and ``col_tiles`` the
+    length-sorted text chunks, so every entry is the one :func:`acf_fast.scoring.score_split`
+    computes (same calls, same padding). Tiles are float32 on the scoring device.
+    Other column sets are scored too (each chunk's subset, padded to the chunk).
+    """
+
+    def __init__(self, model, data, texts, device, *, backend: str, precision: str, chunk_images: int):
+        self.model, self.data, self.texts, self.device = model, data, texts, device
+        self.backend, self.precision = backend, precision
+        N, M = data.num_images, texts.count
+        self.row_tiles = [torch.arange(a, min(N, a + chunk_images)) for a in range(0, N, chunk_images)]
+        sizes = [W.shape[0] for W, _ in texts.chunks]
+        starts = np.cumsum([0] + sizes)
+        self.col_tiles = [texts.order[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        self.chunk_of = torch.empty(M, dtype=torch.long)
+        self.place = torch.empty(M, dtype=torch.long)
+        self.chunk_of[texts.order] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        self.place[texts.order] = torch.cat([torch.arange(s) for s in sizes])
+        self._rows = None  # (first, last, count) of the encoded row tile
+        self._encoded = None
+
+    def _images(self, rows: torch.Tensor):
+        from .scoring import _autocast, _eval_mode, image_tensors
+
+        key = (int(rows[0]), int(rows[-1]), rows.numel())
+        if key != self._rows:
+            contiguous = bool((rows == torch.arange(key[0], key[0] + key[2])).all())
+            sel = slice(key[0], key[1] + 1) if contiguous else np.sort(rows.numpy())
+            regions, rmask, glob = image_tensors(self.data, sel, self.device)
+            with _eval_mode(self.model), _autocast(self.precision):
+                V, G = self.model.encode_images(regions, rmask, glob)
+            if not contiguous:  # back to the order asked for
+                back = torch.from_numpy(np.argsort(np.argsort(rows.numpy())))
+                V, G, rmask = V[back], G[back], None if rmask is None else rmask[back.to(rmask.device)]
+            self._rows, self._encoded = key, (V, G, rmask)
+        return self._encoded
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        from .scoring import _autocast, _eval_mode
+
+        V, G, rmask = self._images(rows)
+        out = torch.empty(rows.numel(), cols.numel(), dtype=torch.float32, device=self.device)
+        ch = self.chunk_of[cols]
+        with _eval_mode(self.model), _autocast(self.precision):
+            for c in torch.unique(ch).tolist():
+                where = (ch == c).nonzero().squeeze(1)
+                W, m = self.texts.chunks[c]
+                pos = self.place[cols[where]]
+                if pos.numel() != W.shape[0] or not bool((pos == torch.arange(W.shape[0])).all()):
+                    W, m = W[pos.to(W.device)], m[pos.to(m.device)]
+                out[:, where.to(self.device)] = self.model.score(V, rmask, G, W, m, backend=self.backend).float()
+        return out
+
+
+def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any", *, backend: str = "auto",
+                 device="auto", precision: str = "fp32", chunk_images: int = 256, text_chunk: Optional[int] = None,
+                 progress: bool = True, **opts):
+    """``acf-fast evaluate --data --stream``: :func:`stream_evaluate` of a checkpoint on a
+    SCAN-layout split, with the model as the block scorer (:class:`ACFBlockScorer`) and its
+    text vectors for ``embedding`` neighbours. Returns (result dict, scoring info)."""
+    from .data import load_encoded, load_split
+    from .machine import resolve_device
+    from .model import ACF
+    from .paths import require_file, require_folder
+    from .scoring import check_model_fits, check_precision, default_text_chunk, encode_texts
+    from .similarity import BACKENDS
+
+    if opts.get("rerank") and opts.get("neighbors") == "profile":
+        raise ValueError(PROFILE_REFUSAL)
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1:
+        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
+    checkpoint = require_file(checkpoint, "--checkpoint")
+    folder = require_folder(folder, "--data")
+    model = ACF.load(checkpoint, map_location=str(dev)).to(dev)
+    data = load_split(folder, split)
+    words, word_mask = load_encoded(folder, split)
+    M = data.num_captions
+    if words.shape[0] != M:
+        raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
+    check_model_fits(model, data, words, checkpoint, folder, split)
+    text_chunk = text_chunk or default_text_chunk(dev)
+    texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
+    scorer = ACFBlockScorer(model, data, texts, dev, backend=backend, precision=precision, chunk_images=chunk_images)
+    t0 = time.perf_counter()
+    result, runs = stream_evaluate(scorer, data.num_images, M, protocol, np.asarray(data.txt2img, dtype=np.int64),
+                                   text_vectors=texts.vectors, row_tiles=scorer.row_tiles, col_tiles=scorer.col_tiles,
+                                   progress=progress, details=True, **opts)
+    info = {"stream": True, "backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk,
+            "chunk_images": chunk_images, "split": split, "seconds": round(time.perf_counter() - t0, 3),
+            "passes": [r.info for r in runs]}
+    return result, info
