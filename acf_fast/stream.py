@@ -164,6 +164,55 @@ def _before(X: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor, dim: int) -
     return torch.gt(X, thr, out=thr).sum(dim).long()  # a float 0/1 sum: exact below 2^24 per line
 
 
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """int64 keys of scores x (float32 or narrower) at item indices ``ids`` (broadcast with
+    x) of lines of ``length`` items: larger key = earlier in the line (value desc, index
+    asc), as :func:`acf_fast.ranking.order_keys` with global indices."""
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 and +0.0 get one key
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (bits << 32) | (length - 1 - ids)
+
+
+def _count_lines(X: torch.Tensor, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
+                 qi: torch.Tensor) -> torch.Tensor:
+    """Items of the lines (rows) of X (R, c) before each query: query q is item qi[q] (global
+    index) of value qv[q] in line ql[q]; ``ids`` (c,) are the global indices of X's columns
+    in lines of ``length`` items. Returns (Q,) long counts within this tile.
+
+    float32 or narrower: the line's query keys sorted, every item searched among them and
+    histogrammed (one search per item, whatever the number of queries per line: a
+    re-ranker line can hold hundreds). float64: one compare per (query, item)."""
+    Q = ql.numel()
+    if X.dtype == torch.float64:
+        out = torch.empty(Q, dtype=torch.long, device=X.device)
+        step = max(1, QUERY_BLOCK_ELEMENTS // X.shape[1])
+        for s in range(0, Q, step):
+            sl = slice(s, s + step)
+            out[sl] = _before(X[ql[sl]], qv[sl][:, None], ids[None, :] < qi[sl][:, None], 1)
+        return out
+    R = X.shape[0]
+    qk = _keys(qv, qi, length)
+    o = torch.sort(qk, stable=True).indices
+    o = o[torch.sort(ql[o], stable=True).indices]  # by line, keys ascending inside
+    ls = ql[o]
+    per_line = torch.bincount(ls, minlength=R)
+    width = int(per_line.max())
+    slot = torch.arange(Q, device=X.device) - (torch.cumsum(per_line, 0) - per_line)[ls]
+    table = torch.full((R, width), _INT64_MAX, dtype=torch.int64, device=X.device)
+    table[ls, slot] = qk[o]
+    # b = number of the line's query keys below the item's key: the item is before query j iff j < b
+    b = torch.searchsorted(table, _keys(X, ids[None, :], length))
+    b += torch.arange(R, device=X.device)[:, None] * (width + 1)
+    hist = torch.bincount(b.view(-1), minlength=R * (width + 1)).view(R, width + 1)
+    before = hist.sum(1, keepdim=True) - torch.cumsum(hist, 1)
+    out = torch.empty(Q, dtype=torch.long, device=X.device)
+    out[o] = before[ls, slot]
+    return out
+
+
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, ids: torch.Tensor, k: int):
     """Top-k (value desc, index asc) of the lines of [current (vals, idx) | X (R, L) with
     column ids ``ids`` (L,) ascending]; returns the new (vals, idx) (R, k)."""
@@ -331,7 +380,9 @@ def stream_ranks(
         return out
 
     # ---- neighbours Nb(t) (M, k'), t first: from text vectors or txt2img, never from S
+    t0 = time.perf_counter()
     nb = neighbors_of_checked(neighbors, kprime, None, text_vectors, g.cpu(), backend).to(dev)
+    info["neighbors_s"] = round(time.perf_counter() - t0, 3)
     kp = nb.shape[1]
 
     # ---- pass 3: I2T reverse positions; scores S[c, u] of each T2I candidate c and neighbour u
@@ -355,13 +406,9 @@ def stream_ranks(
         pvals = torch.empty(pu.numel(), dtype=dtype, device=dev)
         for b in range(nC):
             X = tiles(a, b)
-            Xc = _cmp(X)
             sel = q_order[q_bounds[b] : q_bounds[b + 1]]
-            step = max(1, QUERY_BLOCK_ELEMENTS // R.numel())
-            for s in range(0, sel.numel(), step):
-                q = sel[s : s + step]
-                lc = cols.local[qt[q]]
-                rev_i2t[q] += _before(Xc[:, lc], qv[q][None, :], R[:, None] < qi[q][None, :], 0)
+            if sel.numel():  # lines = the tile's columns
+                rev_i2t[sel] += _count_lines(X.T.contiguous(), R, N, cols.local[qt[sel]], qv[sel], qi[sel])
             inside = sel[rows.tile_of[qi[sel]] == a]
             if inside.numel() and not bool((X[rows.local[qi[inside]], cols.local[qt[inside]]] == qv[inside]).all()):
                 raise _nondeterministic("top-k score")
@@ -384,13 +431,9 @@ def stream_ranks(
         sel = p_order[p_bounds[a] : p_bounds[a + 1]]
         lr = rows.local[pc[sel]]
         for b in range(nC):
-            C = cols.ids[b]
             X = tiles(a, b)
-            Xc = _cmp(X)
-            step = max(1, QUERY_BLOCK_ELEMENTS // C.numel())
-            for s in range(0, sel.numel(), step):
-                q = sel[s : s + step]
-                rev_t2i[q] += _before(Xc[lr[s : s + step]], best_v[q][:, None], C[None, :] < best_u[q][:, None], 1)
+            if sel.numel():  # lines = the tile's rows
+                rev_t2i[sel] += _count_lines(X, cols.ids[b], M, lr, best_v[sel], best_u[sel])
             inside = sel[cols.tile_of[best_u[sel]] == b]
             if inside.numel() and not bool((X[rows.local[pc[inside]], cols.local[best_u[inside]]] == best_v[inside]).all()):
                 raise _nondeterministic("neighbour score")
