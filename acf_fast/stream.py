@@ -176,25 +176,54 @@ def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
     return (bits << 32) | (length - 1 - ids)
 
 
-def _count_lines(X: torch.Tensor, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
-                 qi: torch.Tensor) -> torch.Tensor:
-    """Items of the lines (rows) of X (R, c) before each query: query q is item qi[q] (global
-    index) of value qv[q] in line ql[q]; ``ids`` (c,) are the global indices of X's columns
-    in lines of ``length`` items. Returns (Q,) long counts within this tile.
+# Fraction of a tile past which the survivors of _count_lines give way to a search per item.
+SURVIVOR_MAX_FRACTION = 0.25
 
-    float32 or narrower: the line's query keys sorted, every item searched among them and
-    histogrammed (one search per item, whatever the number of queries per line: a
-    re-ranker line can hold hundreds). float64: one compare per (query, item)."""
+
+def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
+                 qi: torch.Tensor) -> torch.Tensor:
+    """Items of the lines of tile X (R, C) before each query: lines are rows (axis=1) or
+    columns (axis=0); query q is item qi[q] (global index) of value qv[q] in line ql[q]
+    (local); ``ids`` are the global indices of the items along a line (C,) or (R,), in
+    lines of ``length`` items. Returns (Q,) long counts within this tile.
+
+    float32 or narrower: items are keyed (value desc, index asc) by one int64
+    (:func:`_keys`). Survivors (tried first): only items scoring at least their line's
+    lowest query can be before any query (re-ranking queries sit near the top of their
+    lines, so few survive); they and the queries are sorted by (line, key) together and
+    each query's count read off its place. Otherwise every item is searched among its
+    line's sorted query keys and histogrammed. float64: one compare per (query, item).
+    """
     Q = ql.numel()
     if X.dtype == torch.float64:
+        X = X.T.contiguous() if axis == 0 else X
         out = torch.empty(Q, dtype=torch.long, device=X.device)
         step = max(1, QUERY_BLOCK_ELEMENTS // X.shape[1])
         for s in range(0, Q, step):
             sl = slice(s, s + step)
             out[sl] = _before(X[ql[sl]], qv[sl][:, None], ids[None, :] < qi[sl][:, None], 1)
         return out
-    R = X.shape[0]
+    R = X.shape[0] if axis == 1 else X.shape[1]
     qk = _keys(qv, qi, length)
+    low = torch.full((R,), float("inf"), dtype=X.dtype, device=X.device).scatter_reduce(0, ql, qv.to(X.dtype), "amin")
+    keep = X >= (low[:, None] if axis == 1 else low[None, :])
+    n_keep = int(torch.count_nonzero(keep))
+    if n_keep <= SURVIVOR_MAX_FRACTION * X.numel():
+        nz = keep.nonzero()
+        el, ej = (nz[:, 0], nz[:, 1]) if axis == 1 else (nz[:, 1], nz[:, 0])
+        ek = _keys(X[nz[:, 0], nz[:, 1]], ids[ej], length)
+        # survivors first, then queries; stable sorts by key, then line: a query's own item
+        # (equal key) lands before it, and whatever follows it in its line is before it.
+        lines, keys = torch.cat([el, ql]), torch.cat([ek, qk])
+        o = torch.sort(keys, stable=True).indices
+        o = o[torch.sort(lines[o], stable=True).indices]
+        place = torch.empty_like(o)
+        place[o] = torch.arange(o.numel(), device=X.device)
+        seen = torch.cumsum((o < n_keep).long(), 0)  # survivors at or before each sorted place
+        upto = torch.cumsum(torch.bincount(el, minlength=R), 0)  # survivors in lines <= each line
+        return upto[ql] - seen[place[n_keep:]]
+    if axis == 0:
+        X = X.T.contiguous()
     o = torch.sort(qk, stable=True).indices
     o = o[torch.sort(ql[o], stable=True).indices]  # by line, keys ascending inside
     ls = ql[o]
@@ -408,7 +437,7 @@ def stream_ranks(
             X = tiles(a, b)
             sel = q_order[q_bounds[b] : q_bounds[b + 1]]
             if sel.numel():  # lines = the tile's columns
-                rev_i2t[sel] += _count_lines(X.T.contiguous(), R, N, cols.local[qt[sel]], qv[sel], qi[sel])
+                rev_i2t[sel] += _count_lines(X, 0, R, N, cols.local[qt[sel]], qv[sel], qi[sel])
             inside = sel[rows.tile_of[qi[sel]] == a]
             if inside.numel() and not bool((X[rows.local[qi[inside]], cols.local[qt[inside]]] == qv[inside]).all()):
                 raise _nondeterministic("top-k score")
@@ -433,7 +462,7 @@ def stream_ranks(
         for b in range(nC):
             X = tiles(a, b)
             if sel.numel():  # lines = the tile's rows
-                rev_t2i[sel] += _count_lines(X, cols.ids[b], M, lr, best_v[sel], best_u[sel])
+                rev_t2i[sel] += _count_lines(X, 1, cols.ids[b], M, lr, best_v[sel], best_u[sel])
             inside = sel[cols.tile_of[best_u[sel]] == b]
             if inside.numel() and not bool((X[rows.local[pc[inside]], cols.local[best_u[inside]]] == best_v[inside]).all()):
                 raise _nondeterministic("neighbour score")

@@ -79,6 +79,17 @@ def test_stream_equals_in_memory_with_ties(N, M, tiles, scattered, n):
     check_equal(S, g, tiles, rerank=True, k_i2t=7, k_t2i=min(6, N), kprime=3, n=n, text_vectors=tv)
 
 
+@pytest.mark.parametrize("survivors", [0.0, 1.0])  # never / always (within the tile) the survivor path
+def test_both_counting_paths(survivors, monkeypatch):
+    from acf_fast import stream
+
+    monkeypatch.setattr(stream, "SURVIVOR_MAX_FRACTION", survivors)
+    S = tied_scores(21, 105, seed=7)
+    S[:, 5:40] += torch.randn(21, 35, generator=torch.Generator().manual_seed(8))
+    tv = torch.randn(105, 6, generator=torch.Generator().manual_seed(9))
+    check_equal(S, None, (8, 30), rerank=True, k_i2t=9, k_t2i=7, kprime=4, text_vectors=tv)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_stream_other_dtypes_and_siblings(dtype):
     S = tied_scores(19, 95, seed=3, dtype=dtype)
