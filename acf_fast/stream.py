@@ -391,15 +391,19 @@ def stream_ranks(
             X = tiles(a, b)
             Xc = _cmp(X)
             # T2I: caption t's target is image g[t] in column t; I2T: image i's is best[i] in row i.
-            cnt_t2i[C] += _before(Xc, own[C][None, :], R[:, None] < g[C][None, :], 0)
             cnt_i2t[R] += _before(Xc, w[R][:, None], C[None, :] < best[R][:, None], 1)
+            XT = X.T.contiguous() if rerank else None  # the column top-k reads it; counting on it is cheaper too
+            if XT is None:
+                cnt_t2i[C] += _before(Xc, own[C][None, :], R[:, None] < g[C][None, :], 0)
+            else:
+                cnt_t2i[C] += _before(_cmp(XT), own[C][:, None], R[None, :] < g[C][:, None], 1)
             # the pairs of pass 1 inside this tile must read the same (a deterministic scorer)
             gt = (rows.tile_of[g[C]] == a).nonzero().squeeze(1)
             if gt.numel() and not bool((X[rows.local[g[C[gt]]], gt] == own[C[gt]]).all()):
                 raise _nondeterministic("ground-truth score")
             if rerank:
                 rv[R], ri_[R] = _merge_topk(rv[R], ri_[R], X, C, k_i2t)
-                cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], X.T.contiguous(), R, k_t2i)
+                cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], XT, R, k_t2i)
             bar.update()
     bar.close()
     rank_i2t, rank_t2i = cnt_i2t, cnt_t2i
