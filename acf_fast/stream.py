@@ -164,6 +164,27 @@ def _before(X: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor, dim: int) -
     return torch.gt(X, thr, out=thr).sum(dim).long()  # a float 0/1 sum: exact below 2^24 per line
 
 
+def _before_targets(X: torch.Tensor, dim: int, v: torch.Tensor, ti: torch.Tensor, ids: torch.Tensor,
+                    buf: torch.Tensor) -> torch.Tensor:
+    """Items of each line of X before the line's target (value v, global index ti), lines
+    being the rows (dim=1) or columns (dim=0) of X, items with global indices ``ids``
+    (ascending). A line whose target lies outside the tile's index range compares every
+    item against one threshold (all items earlier: nextafter(v, -inf); all later: v);
+    only lines whose target falls inside the range take the per-item rule. ``buf``: a
+    scratch tensor like X."""
+    v = v.to(X.dtype)
+    down = torch.nextafter(v, v.new_tensor(float("-inf")))
+    thr = torch.where(ids[-1] < ti, down, v)
+    out = torch.gt(X, thr[:, None] if dim == 1 else thr[None, :], out=buf).sum(dim).long()
+    mixed = ((ids[0] < ti) & (ti <= ids[-1])).nonzero().squeeze(1)
+    if mixed.numel():
+        if dim == 1:
+            out[mixed] = _before(X[mixed], v[mixed, None], ids[None, :] < ti[mixed, None], 1)
+        else:
+            out[mixed] = _before(X[:, mixed], v[None, mixed], ids[:, None] < ti[None, mixed], 0)
+    return out
+
+
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 
@@ -242,10 +263,33 @@ def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql:
     return out
 
 
-def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, ids: torch.Tensor, k: int):
-    """Top-k (value desc, index asc) of the lines of [current (vals, idx) | X (R, L) with
-    column ids ``ids`` (L,) ascending]; returns the new (vals, idx) (R, k)."""
-    tv, ti = topk_lines(X, min(k, X.shape[1]))
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, axis: int, ids: torch.Tensor, k: int,
+                length: int):
+    """Top-k (value desc, index asc) of each line of [current (vals, idx) (lines, k) | tile
+    X's lines]: rows (axis=1) or columns (axis=0) of X, whose items have the global
+    indices ``ids`` (ascending) in lines of ``length`` items. Returns the new (vals, idx).
+
+    Once every list is full, only items scoring at least their line's k-th can enter:
+    those survivors and the lists are sorted together by (line, key) (:func:`_keys`),
+    with no top-k over the tile (a torch.topk over short columns costs ~5x a pass);
+    a dense top-k merge otherwise (first tiles, float64, too many survivors)."""
+    n_lines = X.shape[0] if axis == 1 else X.shape[1]
+    if X.dtype != torch.float64 and bool(torch.isfinite(vals[:, -1]).all()):
+        kth = vals[:, -1]
+        keep = X >= (kth[:, None] if axis == 1 else kth[None, :])
+        if int(torch.count_nonzero(keep)) <= SURVIVOR_MAX_FRACTION * X.numel():
+            nz = keep.nonzero()
+            el, ej = (nz[:, 0], nz[:, 1]) if axis == 1 else (nz[:, 1], nz[:, 0])
+            allv = torch.cat([vals.reshape(-1), X[nz[:, 0], nz[:, 1]]])
+            alli = torch.cat([idx.reshape(-1), ids[ej]])
+            alll = torch.cat([torch.arange(n_lines, device=X.device).repeat_interleave(k), el])
+            o = torch.sort(_keys(allv, alli, length), descending=True, stable=True).indices
+            o = o[torch.sort(alll[o], stable=True).indices]  # by line, best first inside
+            counts = torch.bincount(alll, minlength=n_lines)
+            take = o[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=X.device)[None, :]]
+            return allv[take], alli[take]
+    lines = X if axis == 1 else X.T.contiguous()
+    tv, ti = topk_lines(lines, min(k, lines.shape[1]))
     v = torch.cat([vals, tv.to(vals.dtype)], 1)
     i = torch.cat([idx, ids[ti]], 1)
     o = rank_order(v, i)[:, :k]
@@ -391,19 +435,16 @@ def stream_ranks(
             X = tiles(a, b)
             Xc = _cmp(X)
             # T2I: caption t's target is image g[t] in column t; I2T: image i's is best[i] in row i.
-            cnt_i2t[R] += _before(Xc, w[R][:, None], C[None, :] < best[R][:, None], 1)
-            XT = X.T.contiguous() if rerank else None  # the column top-k reads it; counting on it is cheaper too
-            if XT is None:
-                cnt_t2i[C] += _before(Xc, own[C][None, :], R[:, None] < g[C][None, :], 0)
-            else:
-                cnt_t2i[C] += _before(_cmp(XT), own[C][:, None], R[None, :] < g[C][:, None], 1)
+            buf = torch.empty_like(Xc)
+            cnt_i2t[R] += _before_targets(Xc, 1, w[R], best[R], C, buf)
+            cnt_t2i[C] += _before_targets(Xc, 0, own[C], g[C], R, buf)
             # the pairs of pass 1 inside this tile must read the same (a deterministic scorer)
             gt = (rows.tile_of[g[C]] == a).nonzero().squeeze(1)
             if gt.numel() and not bool((X[rows.local[g[C[gt]]], gt] == own[C[gt]]).all()):
                 raise _nondeterministic("ground-truth score")
             if rerank:
-                rv[R], ri_[R] = _merge_topk(rv[R], ri_[R], X, C, k_i2t)
-                cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], XT, R, k_t2i)
+                rv[R], ri_[R] = _merge_topk(rv[R], ri_[R], X, 1, C, k_i2t, M)
+                cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], X, 0, R, k_t2i, N)
             bar.update()
     bar.close()
     rank_i2t, rank_t2i = cnt_i2t, cnt_t2i
