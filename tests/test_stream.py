@@ -45,7 +45,7 @@ class TileScorer:
         if rows.numel() > self.max_rows or cols.numel() > self.max_cols:
             raise AssertionError(f"asked for a {rows.numel()} x {cols.numel()} block")
         self.calls += 1
-        return self.S[rows][:, cols].clone()
+        return self.S[rows[:, None], cols]
 
 
 def check_equal(S, g, tiles, **opts):
@@ -182,3 +182,29 @@ def test_cli_stream_equals_in_memory(tmp_path, capsys):
     assert "--save-sims" in err and "--stream" in err and not (tmp_path / "S.npy").exists()
     assert main(base + ["--stream", "--neighbors", "profile"]) == 2
     assert "profile" in capsys.readouterr().err
+
+
+def test_no_tensor_as_large_as_the_grid():
+    """Every tensor any op creates during a re-ranked stream stays well below N x M
+    elements (siblings neighbours: the embedding ones compare texts with texts, not S)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    N, M = 40, 200
+    S = tied_scores(N, M, seed=11)
+    largest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest.append(t.numel())
+            return out
+
+    scorer = TileScorer(S, 8, 30)
+    with Watch():
+        got = stream_evaluate(scorer, N, M, rerank=True, k_i2t=7, k_t2i=6, kprime=3, neighbors="siblings",
+                              tile_rows=8, tile_cols=30)
+    assert got == evaluate_protocol(S, rerank=True, k_i2t=7, k_t2i=6, kprime=3, neighbors="siblings")
+    # O((N + M) k) state (here the (M, k_t2i) lists) and one tile; S has N * M = 8,000
+    assert len(largest) > 1000 and max(largest) <= max(8 * 30, (N + M) * 6) < N * M // 5, max(largest)
