@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 DEFAULT_TILE_ROWS = 1024
 DEFAULT_TILE_COLS = 8192
-# Largest (elements) temporary of a query gather inside one tile (passes 3 and 4).
+# Largest (elements) temporary of the float64 query-by-query counts inside one tile (passes 3 and 4).
 QUERY_BLOCK_ELEMENTS = 4 << 20
 
 PROFILE_REFUSAL = ("neighbors='profile' needs the columns of S (cosines between them), which a streaming "

@@ -2,7 +2,6 @@
 never holding S, equal EXACTLY to the in-memory evaluator on the same S (ties included)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
