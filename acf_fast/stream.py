@@ -667,22 +667,21 @@ class ACFBlockScorer:
         self.place = torch.empty(M, dtype=torch.long)
         self.chunk_of[texts.order] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         self.place[texts.order] = torch.cat([torch.arange(s) for s in sizes])
-        self._rows = None  # (first, last, count) of the encoded row tile
+        self._rows = None  # (first, count) of the encoded images
         self._encoded = None
 
     def _images(self, rows: torch.Tensor):
+        """(V, G, region mask) of a contiguous run of images, kept for the next call (a
+        row of tiles asks for the same images once per text chunk)."""
         from .scoring import _autocast, _eval_mode, image_tensors
 
-        key = (int(rows[0]), int(rows[-1]), rows.numel())
+        key = (int(rows[0]), rows.numel())
         if key != self._rows:
-            contiguous = bool((rows == torch.arange(key[0], key[0] + key[2])).all())
-            sel = slice(key[0], key[1] + 1) if contiguous else np.sort(rows.numpy())
-            regions, rmask, glob = image_tensors(self.data, sel, self.device)
+            if not bool((rows == torch.arange(key[0], key[0] + key[1])).all()):
+                raise ValueError("ACFBlockScorer scores contiguous runs of images (its row_tiles, or runs inside them)")
+            regions, rmask, glob = image_tensors(self.data, slice(key[0], key[0] + key[1]), self.device)
             with _eval_mode(self.model), _autocast(self.precision):
                 V, G = self.model.encode_images(regions, rmask, glob)
-            if not contiguous:  # back to the order asked for
-                back = torch.from_numpy(np.argsort(np.argsort(rows.numpy())))
-                V, G, rmask = V[back], G[back], None if rmask is None else rmask[back.to(rmask.device)]
             self._rows, self._encoded = key, (V, G, rmask)
         return self._encoded
 
