@@ -278,3 +278,12 @@ def test_chunks_of_the_old_single_folder_layout_are_removed(tmp_path):
     got, info = ChunkCache(tmp_path, {"checkpoint": "a"}, S.shape, 5).fill(lambda a, b: S[a:b], progress=False)
     assert np.array_equal(got, S) and info["computed"] == 1
     assert not (tmp_path / "chunks").exists() and not (tmp_path / "manifest.json").exists()
+
+
+def test_stream_under_torchrun_is_refused_before_any_work(split_and_ckpt, tmp_path, capsys, monkeypatch):
+    """--stream is one process; under torchrun each rank would stream the whole grid."""
+    data, ckpt = split_and_ckpt
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "r.json"
+    refused(eval_data(data, ckpt, "--stream", "--out", out), capsys, "--stream", "torchrun")
+    assert not out.exists()

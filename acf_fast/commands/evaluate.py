@@ -9,6 +9,7 @@ and run the same command again, it picks up where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
+    p.add_argument("--stream", action="store_true",
+                   help="with --data: never hold S; score tiles in passes (acf_fast.stream), memory O((N+M) k)")
     add_precision_arg(p, "with --data, scoring precision")
     p.add_argument("--rerank", action="store_true", help="also re-rank both directions (ACF-R+, spec §5)")
     p.add_argument("--k-i2t", type=_positive_int, default=15, help="k̂ for image-to-text re-ranking (default 15)")
@@ -98,8 +101,8 @@ def run(args) -> int:
                 neighbors=args.neighbors)
     record = {"command": "evaluate"}
     if args.sims is not None:
-        for flag in ("checkpoint", "work", "save_sims"):
-            if getattr(args, flag) is not None:
+        for flag in ("checkpoint", "work", "save_sims", "stream"):
+            if getattr(args, flag) not in (None, False):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
         from ..machine import resolve_device
         from ..ranking import check_scores
@@ -119,6 +122,13 @@ def run(args) -> int:
             raise ValueError("--data needs --checkpoint (the model that scores the split)")
         if args.txt2img is not None:
             raise ValueError("--txt2img goes with --sims; with --data the split's captions define it")
+        for flag in ("save_sims", "work") if args.stream else ():
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} cannot go with --stream: a streaming evaluation never "
+                                 "holds S (nor saves its chunks)")
+        if args.stream and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--stream runs in one process: under torchrun drop --stream (the ranks then share the "
+                             "scoring and rank 0 holds S), or run the streaming evaluation alone")
         from ..atomic import atomic_save_npy
         from ..paths import require_file, require_folder
         from ..scoring import score_split
@@ -126,20 +136,29 @@ def run(args) -> int:
         data_files = [p for p in require_folder(args.data, "--data").iterdir() if p.is_file()]
         check_outputs({"--out": args.out, "--save-sims": args.save_sims},
                       inputs={"--checkpoint": require_file(args.checkpoint, "--checkpoint"), "--data": data_files})
-        from ..sharded import ranks
+        if args.stream:  # the model is the block scorer: S is never held (acf_fast.stream)
+            from ..stream import stream_split
 
-        with ranks(args.device) as group:  # under torchrun: this rank's share of the chunks, S on rank 0
-            scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
-                                 device=group.device, precision=args.precision, chunk_images=args.chunk_images,
-                                 progress=not args.quiet, group=group)
-        if scored.S is None:
-            return 0  # another rank than 0: rank 0 ranks, re-ranks and writes
-        if args.save_sims is not None:
-            atomic_save_npy(args.save_sims, scored.S.numpy())
-        result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors, **opts)
+            result, info = stream_split(args.checkpoint, args.data, args.split, args.protocol, backend=args.backend,
+                                        device=args.device, precision=args.precision, chunk_images=args.chunk_images,
+                                        progress=not args.quiet, **opts)
+        else:
+            from ..sharded import ranks
+
+            with ranks(args.device) as group:  # under torchrun: this rank's share of the chunks, S on rank 0
+                scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
+                                     device=group.device, precision=args.precision, chunk_images=args.chunk_images,
+                                     progress=not args.quiet, group=group)
+            if scored.S is None:
+                return 0  # another rank than 0: rank 0 ranks, re-ranks and writes
+            if args.save_sims is not None:
+                atomic_save_npy(args.save_sims, scored.S.numpy())
+            result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors,
+                                       **opts)
+            info = scored.info
         record["source"] = {"data": str(args.data), "split": args.split, "checkpoint": str(args.checkpoint),
                             "backend": args.backend, "precision": args.precision}
-        record["scoring"] = scored.info
+        record["scoring"] = info
     record.update(result)
     print(format_table(result))
     if args.out is not None:
