@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
+    p.add_argument("--shortlist", type=_positive_int, metavar="K",
+                   help="with --data: two-stage scoring (acf_fast.shortlist): the model's global embeddings rank "
+                        "everything, ACF re-scores each image's top K texts and each text's top K images")
     add_precision_arg(p, "with --data, scoring precision")
     p.add_argument("--rerank", action="store_true", help="also re-rank both directions (ACF-R+, spec §5)")
     p.add_argument("--k-i2t", type=_positive_int, default=15, help="k̂ for image-to-text re-ranking (default 15)")
@@ -98,7 +101,7 @@ def run(args) -> int:
                 neighbors=args.neighbors)
     record = {"command": "evaluate"}
     if args.sims is not None:
-        for flag in ("checkpoint", "work", "save_sims"):
+        for flag in ("checkpoint", "work", "save_sims", "shortlist"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
         from ..machine import resolve_device
@@ -126,9 +129,17 @@ def run(args) -> int:
         data_files = [p for p in require_folder(args.data, "--data").iterdir() if p.is_file()]
         check_outputs({"--out": args.out, "--save-sims": args.save_sims},
                       inputs={"--checkpoint": require_file(args.checkpoint, "--checkpoint"), "--data": data_files})
-        scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
-                             device=args.device, precision=args.precision, chunk_images=args.chunk_images,
-                             progress=not args.quiet)
+        if args.shortlist is not None:
+            from ..shortlist import check_shortlist_args, shortlist_split
+
+            check_shortlist_args(args)
+            scored = shortlist_split(args.checkpoint, args.data, args.split, k=args.shortlist, backend=args.backend,
+                                     device=args.device, precision=args.precision, progress=not args.quiet)
+            record["shortlist"] = args.shortlist
+        else:
+            scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
+                                 device=args.device, precision=args.precision, chunk_images=args.chunk_images,
+                                 progress=not args.quiet)
         if args.save_sims is not None:
             atomic_save_npy(args.save_sims, scored.S.numpy())
         result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors, **opts)
