@@ -224,6 +224,25 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
     cell = (i_all // i_block) * n_tb + j_all // t_block
     order = torch.argsort((cell * N + i_all) * M + j_all, stable=True)
     cells, counts = torch.unique_consecutive(cell[order], return_counts=True)
+    # CPU without gradients: the grid's threading (fused_torch.torch_similarity's docstring):
+    # whole runs of calls per Python thread, each op single-threaded, never an OpenMP
+    # barrier per small op (which made this path ~8x slower on the busy 2-core machine).
+    workers = torch.get_num_threads() if (V.device.type == "cpu" and not need_grad) else 1
+
+    def run_calls(calls):
+        """``calls``: (item side of one image, its emb_i row, text side, local text ids, their global ids);
+        the texts are gathered here, one call at a time (a whole cell's would be P_cell items)."""
+        out = []
+        for img, ei, txts, idx, gidx in calls:
+            txt = txts.select(idx)
+            et = None if emb_t is None else emb_t[gidx]
+            if need_grad:
+                out.append(checkpoint(_pair_chunk, img, txt, scale[0], scale[1], u1, u2, ei, et, eps,
+                                      use_reentrant=False)[0])
+            else:
+                out.append(_pair_chunk(img, txt, scale[0], scale[1], u1, u2, ei, et, eps)[0])
+        return out
+
     values = []
     stop = 0
     for c, count in zip(cells.tolist(), counts.tolist()):
@@ -237,21 +256,32 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
         txts = precompute_items(Wb, wmb, weights, H, role="text", pairwise_global=pairwise)
         m_c = _texts_per_call(Vb.shape[1], Wb.shape[1], D, H, elem, V.device.type)
         firsts, runs = torch.unique_consecutive(li, return_counts=True)
-        offset = 0
+        calls, offset = [], 0
         for a, run in zip(firsts.tolist(), runs.tolist()):
             img = imgs.select(slice(a, a + 1))
             ei = None if emb_i is None else emb_i[ui[a:a + 1]]
             for b0 in range(offset, offset + run, m_c):
                 idx = lj[b0:min(offset + run, b0 + m_c)]
-                txt = txts.select(idx)
-                et = None if emb_t is None else emb_t[uj[idx]]
-                if need_grad:
-                    s = checkpoint(_pair_chunk, img, txt, scale[0], scale[1], u1, u2, ei, et, eps,
-                                   use_reentrant=False)
-                else:
-                    s = _pair_chunk(img, txt, scale[0], scale[1], u1, u2, ei, et, eps)
-                values.append(s[0])
+                calls.append((img, ei, txts, idx, uj[idx]))
             offset += run
+        if workers == 1 or len(calls) == 1:
+            values += run_calls(calls)
+            continue
+        from concurrent.futures import ThreadPoolExecutor
+
+        def no_grad_run(part):
+            with torch.no_grad():  # grad mode is thread-local: pool threads start with it on
+                return run_calls(part)
+
+        step = -(-len(calls) // workers)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for part in pool.map(no_grad_run, [calls[a:a + step] for a in range(0, len(calls), step)]):
+                    values += part
+        finally:
+            torch.set_num_threads(threads)
     return _scatter_back(order, torch.cat(values))
 
 

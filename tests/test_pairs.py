@@ -245,3 +245,19 @@ def test_triton_refuses_what_kernel_v1_cannot_take_and_gradients(device):
     with torch.no_grad():
         score_pairs(case, pairs, "triton")
 
+
+
+def test_torch_threads_do_not_change_the_result():
+    """On a CPU the pair calls are spread over Python threads (one per torch thread)."""
+    case = make_case(6, 9, 5, 6, D=32, H=2, variant="paper", seed=19)
+    pairs = random_pairs(6, 9, 30, seed=10)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = score_pairs(case, pairs, "torch")
+        torch.set_num_threads(3)
+        three = score_pairs(case, pairs, "torch")
+        assert torch.get_num_threads() == 3  # restored after the call
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(three, one, atol=1e-6, rtol=0)
