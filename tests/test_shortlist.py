@@ -70,12 +70,19 @@ def test_combined_scores_rank_every_rescored_pair_first():
     assert torch.equal(combine_scores(C, pairs[:0], scores[:0]), C)
 
 
-@pytest.fixture
-def split_and_checkpoint(tmp_path):
+@pytest.fixture(params=["paper", "acf-code"])
+def split_and_checkpoint(tmp_path, request):
+    from acf_fast.model import ACF
+    from test_evaluate_cli import DB, DV
+
     data = tmp_path / "data"
     write_split(data, seed=5)
     ckpt = tmp_path / "best.safetensors"
-    save_model(ckpt, seed=4)
+    if request.param == "paper":
+        save_model(ckpt, seed=4)
+    else:  # embeddings global score: the cheap score is part of S
+        torch.manual_seed(4)
+        ACF("acf-code", embed_dim=16, heads=2, region_dim=DV, global_dim=DV, text_dim=DB).save(ckpt)
     return data, ckpt
 
 
