@@ -243,6 +243,19 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
     need no barrier. Results agree to float32 rounding either way (the blocks
     differ, so BLAS may sum in another order).
     """
+    return with_magnitude_scaling(_torch_similarity, V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2,
+                                  weights=weights, G=G, global_emb=global_emb)
+
+
+def with_magnitude_scaling(inner, V, v_mask, W, w_mask, *, scale, G, **kwargs):
+    """``inner(V, v_mask, W, w_mask, scale=, G=, eps=, **kwargs)`` on unit-scale inputs.
+
+    Large inputs are divided by :func:`magnitude_scales` (exact powers of two) with the
+    softmax scales and the cosines' clamp adjusted, so the result is unchanged; a result
+    that is not finite is an overflow, refused with a ValueError. Shared by the grid
+    (:func:`torch_similarity`) and the pair list (:mod:`acf_fast.pairs`), so both score
+    huge finite features the same way.
+    """
     c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
     if c_v != 1.0 or c_w != 1.0:  # large inputs: the same S from unit-scale numbers (see magnitude_scales)
         cdt = compute_dtype(V.dtype)  # divided in the compute dtype: no fp16/bf16 subnormals
@@ -255,8 +268,7 @@ def torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, 
         "model's l2-normalised features are at most 1)")
     if max(abs(scale[0]), abs(scale[1])) > torch.finfo(compute_dtype(V.dtype)).max:
         raise overflow
-    S = _torch_similarity(V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2, weights=weights, G=G,
-                          global_emb=global_emb, eps=EPS / (c_v * c_w))
+    S = inner(V, v_mask, W, w_mask, scale=scale, G=G, eps=EPS / (c_v * c_w), **kwargs)
     if not bool(torch.isfinite(S.detach()).all()):
         raise overflow
     return S

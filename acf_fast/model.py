@@ -219,15 +219,26 @@ class ACF(nn.Module):
         """The ``weights`` mapping for :func:`acf_similarity` (empty for acf-code)."""
         return {name: getattr(self, name) for name in self.fusion_names}
 
-    def score(self, V, v_mask, G, W, w_mask, backend: str = "auto") -> torch.Tensor:
-        """S (N, M) float32 for encoded items, by the variant's settings (spec §3)."""
-        kwargs = dict(heads=self.heads, scale=self.scale, u1=self.u1, u2=self.u2, weights=self.fusion_weights(),
-                      backend=backend)
+    def similarity_args(self, G, W, w_mask) -> dict:
+        """The keyword arguments of :func:`acf_similarity` (and ``acf_similarity_pairs``)
+        for encoded items, by the variant's settings (spec §3), backend aside."""
+        kwargs = dict(heads=self.heads, scale=self.scale, u1=self.u1, u2=self.u2, weights=self.fusion_weights())
         if self.pairwise_global:
-            return acf_similarity(V, v_mask, W, w_mask, G=G, **kwargs)
+            return dict(kwargs, G=G)
         # acf-code [choice] label-free embeddings global score, or the paper variant
         # without CMF: both are the partner-free G · l2norm(mean w), see the module docstring.
-        return acf_similarity(V, v_mask, W, w_mask, global_emb=(G, self.text_vectors(W, w_mask)), **kwargs)
+        return dict(kwargs, global_emb=(G, self.text_vectors(W, w_mask)))
+
+    def score(self, V, v_mask, G, W, w_mask, backend: str = "auto") -> torch.Tensor:
+        """S (N, M) float32 for encoded items, by the variant's settings (spec §3)."""
+        return acf_similarity(V, v_mask, W, w_mask, backend=backend, **self.similarity_args(G, W, w_mask))
+
+    def score_pairs(self, V, v_mask, G, W, w_mask, pairs, backend: str = "auto") -> torch.Tensor:
+        """(P,) float32: the entries ``score(...)[pairs[:, 0], pairs[:, 1]]`` of a (P, 2) int64
+        list of (image, text) indices, scoring only those pairs (``acf_similarity_pairs``)."""
+        from .pairs import acf_similarity_pairs
+
+        return acf_similarity_pairs(V, v_mask, W, w_mask, pairs, backend=backend, **self.similarity_args(G, W, w_mask))
 
     def forward(self, regions, region_mask, globals, words, word_mask, backend: str = "auto") -> torch.Tensor:
         """Raw features in, S (N, M) out: encode both sides, then :meth:`score`."""

@@ -111,9 +111,20 @@ class ItemSide:
         Keeps the identities ``Q is Kk`` / ``O is Q`` where they hold.
         """
         out = {}
+        gather = isinstance(index, torch.Tensor)
         for f in fields(self):
             val = getattr(self, f.name)
-            out[f.name] = val[index] if isinstance(val, torch.Tensor) else val
+            if not isinstance(val, torch.Tensor):
+                out[f.name] = val
+            elif not gather:
+                out[f.name] = val[index]
+            elif f.name in ("Q", "Kk", "O"):
+                # Gathered along the items of the head-major storage, so the result is head-major
+                # too (its per-pair GEMM operands stay free views); index_select, not v[index]:
+                # several times faster on a CPU (measured: 0.6 vs 7 us per text at L = 14, D = 128).
+                out[f.name] = torch.index_select(val.transpose(0, 1), 1, index).transpose(0, 1)
+            else:
+                out[f.name] = torch.index_select(val, 0, index)
         if self.shared_qk:
             out["Kk"] = out["Q"]
         if self.o_is_q:

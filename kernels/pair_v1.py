@@ -4,7 +4,9 @@ Superseded by the tiles of ``kernels/tiles.py`` (kernel v2), which ``backend="tr
 uses. v1 stays only so that ``bench/gpu_check.py`` and ``bench/kernel_report.py`` can
 measure old and new side by side until v2 has been measured on a GPU (issue 10); it is
 not reachable through ``acf_similarity``. Entry points: :func:`prepare_sides`,
-:func:`launch_similarity`.
+:func:`launch_similarity`. Its list variant, :func:`launch_pairs` (kernel
+``_acf_pair_list_kernel``: the same per-pair body, ``_pair_score``, with (i, j) read
+from a pair list), is the triton backend of ``acf_fast.pairs.acf_similarity_pairs``.
 
 What one program does
 ---------------------
@@ -66,7 +68,7 @@ import triton.language as tl
 
 from acf_fast.precompute import ItemSide, precompute_items
 
-__all__ = ["MAX_K", "MAX_L", "KernelSide", "gram_factor", "prepare_sides", "launch_similarity"]
+__all__ = ["MAX_K", "MAX_L", "KernelSide", "gram_factor", "prepare_sides", "launch_similarity", "launch_pairs"]
 
 MAX_K = 64  # regions per image the kernel accepts
 MAX_L = 128  # tokens per text the kernel accepts
@@ -183,16 +185,12 @@ def _direction(
 
 
 @triton.jit
-def _acf_pair_kernel(
-    S_ptr, stride_sn, stride_sm,
-    # image side (T = K): Q/Kk/O (N, H, K, DH); mask (N, K) int8; norm (N, K) fp32;
-    # fac: (N, H, K, K) block-diagonal Γv or (N, H*K, RV) factor; Pglob (N, H*K, D); gx (N, D)
+def _pair_score(
+    i, j,
     vq_ptr, vk_ptr, vo_ptr, vmask_ptr, vnorm_ptr, vfac_ptr, vpg_ptr, vgx_ptr,
-    # text side (T = L), same layout
     wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wfac_ptr, wpg_ptr,
-    # embedding global: Gi (N, E), Gt (M, E) fp32
     gi_ptr, gt_ptr,
-    N, M, K, L,
+    K, L,
     s_i2t, s_t2i, u1, u2,
     H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, D: tl.constexpr,
     KP: tl.constexpr, LP: tl.constexpr, KB: tl.constexpr, LB: tl.constexpr,
@@ -202,17 +200,9 @@ def _acf_pair_kernel(
     PAIRWISE: tl.constexpr, EMBED: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    GROUP_N: tl.constexpr,
 ):
-    """S[i, j] for one (image i, text j) pair; grid (N * M,), grouped by GROUP_N images."""
-    # int64 before any multiply by a stride or size: N*M and N*H*K*DH pass 2^31 at COCO scale.
-    pid = tl.program_id(0).to(tl.int64)
-    per_group = GROUP_N * M
-    first_n = (pid // per_group) * GROUP_N
-    group = tl.minimum(N - first_n, GROUP_N)
-    i = first_n + (pid % per_group) % group
-    j = (pid % per_group) // group
-
+    """S[i, j] (fp32 scalar) of image i and text j (int64): the whole per-pair computation,
+    shared by the grid kernel and the pair-list kernel (arguments as ``_acf_pair_kernel``)."""
     # regions -> words: queries = image rows, keys = text rows, Γ of the text
     i2t, abar = _direction(
         vq_ptr, vo_ptr, wk_ptr, wfac_ptr, vmask_ptr, vnorm_ptr, wmask_ptr,
@@ -266,8 +256,77 @@ def _acf_pair_kernel(
             gt = tl.load(gt_ptr + j * E + ce, mask=e_in, other=0.0)
             acc += gi * gt
         glob = tl.sum(acc, axis=0)
-    s = u2 * local + (1.0 - u2) * glob
+    return u2 * local + (1.0 - u2) * glob
+
+
+@triton.jit
+def _acf_pair_kernel(
+    S_ptr, stride_sn, stride_sm,
+    # image side (T = K): Q/Kk/O (N, H, K, DH); mask (N, K) int8; norm (N, K) fp32;
+    # fac: (N, H, K, K) block-diagonal Γv or (N, H*K, RV) factor; Pglob (N, H*K, D); gx (N, D)
+    vq_ptr, vk_ptr, vo_ptr, vmask_ptr, vnorm_ptr, vfac_ptr, vpg_ptr, vgx_ptr,
+    # text side (T = L), same layout
+    wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wfac_ptr, wpg_ptr,
+    # embedding global: Gi (N, E), Gt (M, E) fp32
+    gi_ptr, gt_ptr,
+    N, M, K, L,
+    s_i2t, s_t2i, u1, u2,
+    H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, D: tl.constexpr,
+    KP: tl.constexpr, LP: tl.constexpr, KB: tl.constexpr, LB: tl.constexpr,
+    RV: tl.constexpr, RVP: tl.constexpr, RVC: tl.constexpr, RW: tl.constexpr, RWP: tl.constexpr, RWC: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, O_IS_Q: tl.constexpr,
+    PAIRWISE: tl.constexpr, EMBED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """S[i, j] for one (image i, text j) pair; grid (N * M,), grouped by GROUP_N images."""
+    # int64 before any multiply by a stride or size: N*M and N*H*K*DH pass 2^31 at COCO scale.
+    pid = tl.program_id(0).to(tl.int64)
+    per_group = GROUP_N * M
+    first_n = (pid // per_group) * GROUP_N
+    group = tl.minimum(N - first_n, GROUP_N)
+    i = first_n + (pid % per_group) % group
+    j = (pid % per_group) // group
+    s = _pair_score(
+        i, j, vq_ptr, vk_ptr, vo_ptr, vmask_ptr, vnorm_ptr, vfac_ptr, vpg_ptr, vgx_ptr,
+        wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wfac_ptr, wpg_ptr, gi_ptr, gt_ptr, K, L,
+        s_i2t, s_t2i, u1, u2, H, HP, DH, D, KP, LP, KB, LB, RV, RVP, RVC, RW, RWP, RWC, E,
+        BLOCK_DIAG, O_IS_Q, PAIRWISE, EMBED, BLOCK_D, BLOCK_E, DOT_PREC,
+    )
     tl.store(S_ptr + i * stride_sn + j * stride_sm, s)
+
+
+@triton.jit
+def _acf_pair_list_kernel(
+    S_ptr, pairs_ptr,
+    vq_ptr, vk_ptr, vo_ptr, vmask_ptr, vnorm_ptr, vfac_ptr, vpg_ptr, vgx_ptr,
+    wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wfac_ptr, wpg_ptr,
+    gi_ptr, gt_ptr,
+    N, M, K, L,
+    s_i2t, s_t2i, u1, u2,
+    H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, D: tl.constexpr,
+    KP: tl.constexpr, LP: tl.constexpr, KB: tl.constexpr, LB: tl.constexpr,
+    RV: tl.constexpr, RVP: tl.constexpr, RVC: tl.constexpr, RW: tl.constexpr, RWP: tl.constexpr, RWC: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_DIAG: tl.constexpr, O_IS_Q: tl.constexpr,
+    PAIRWISE: tl.constexpr, EMBED: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """S_ptr[p] = S[pairs[p, 0], pairs[p, 1]] for one pair p of a (P, 2) int64 list; grid (P,).
+    Arguments as ``_acf_pair_kernel`` (N, M unused: the list was checked on the host)."""
+    p = tl.program_id(0).to(tl.int64)
+    i = tl.load(pairs_ptr + 2 * p)
+    j = tl.load(pairs_ptr + 2 * p + 1)
+    s = _pair_score(
+        i, j, vq_ptr, vk_ptr, vo_ptr, vmask_ptr, vnorm_ptr, vfac_ptr, vpg_ptr, vgx_ptr,
+        wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wfac_ptr, wpg_ptr, gi_ptr, gt_ptr, K, L,
+        s_i2t, s_t2i, u1, u2, H, HP, DH, D, KP, LP, KB, LB, RV, RVP, RVC, RW, RWP, RWC, E,
+        BLOCK_DIAG, O_IS_Q, PAIRWISE, EMBED, BLOCK_D, BLOCK_E, DOT_PREC,
+    )
+    tl.store(S_ptr + p, s)
 
 
 # One config under the interpreter (autotune with more than one config needs a GPU
@@ -285,6 +344,13 @@ _acf_pair_kernel_tuned = triton.autotune(
     configs=_CONFIGS,
     key=["K", "L", "H", "DH", "D", "RV", "RW", "E", "BLOCK_DIAG", "O_IS_Q", "PAIRWISE", "EMBED", "DOT_PREC"],
 )(_acf_pair_kernel)
+
+# The pair list has no image groups to swizzle: only the warp count is tuned.
+_acf_pair_list_kernel_tuned = triton.autotune(
+    configs=[triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages) for c in _CONFIGS[:1]] if _INTERPRET
+    else [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
+    key=["K", "L", "H", "DH", "D", "RV", "RW", "E", "BLOCK_DIAG", "O_IS_Q", "PAIRWISE", "EMBED", "DOT_PREC"],
+)(_acf_pair_list_kernel)
 
 
 # --------------------------------------------------------------------------- per-item adapter
@@ -558,3 +624,54 @@ def _launch(out, img, txt, Gi, Gt, N, M, K, L, s_i2t, s_t2i, u1, u2, *, wrap=Non
         part = (img, Gi) if (a, b) == (0, N) else (_slice_side(img, a, b), Gi[a:b] if kw.get("embed") else Gi)
         args, meta = _kernel_args(out[a:b], part[0], txt, part[1], Gt, b - a, M, K, L, s_i2t, s_t2i, u1, u2, **kw)
         kernel[((b - a) * M,)](*args, **meta)
+
+
+def launch_pairs(
+    img: KernelSide,
+    txt: KernelSide,
+    pairs: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: Tuple[float, float],
+    u1: float,
+    u2: float,
+    global_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Score a pair list with the list kernel: ``out[p] = S[pairs[p, 0], pairs[p, 1]]``.
+
+    Args:
+        img, txt: :func:`prepare_sides` of the items (N images, M texts).
+        pairs: (P, 2) int64 contiguous on the device, indices already checked to lie
+            in [0, N) × [0, M) (the kernel does not bound-check them).
+        out: (P,) float32 on the device; every element is written.
+        scale, u1, u2, global_emb, allow_tf32: as :func:`launch_similarity`.
+    """
+    N, H, K, DH = img.Q.shape
+    M, _, L, _ = txt.Q.shape
+    D = H * DH
+    P = pairs.shape[0]
+    if tuple(pairs.shape) != (P, 2) or pairs.dtype != torch.int64 or not pairs.is_contiguous():
+        raise ValueError(f"pairs must be a contiguous (P, 2) int64 tensor, got {pairs.dtype} {tuple(pairs.shape)}")
+    if tuple(out.shape) != (P,) or out.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 tensor of shape {(P,)}, got {out.dtype} {tuple(out.shape)}")
+    if img.block_diagonal != txt.block_diagonal or img.o_is_q != txt.o_is_q:
+        raise ValueError("image and text sides were prepared with different weights")
+    check_kernel_limits(K, L, D, H)
+    pairwise = img.Pglob is not None
+    if global_emb is not None:
+        Gi = global_emb[0].detach().to(torch.float32).contiguous()
+        Gt = global_emb[1].detach().to(torch.float32).contiguous()
+        E = Gi.shape[1]
+    else:
+        Gi = Gt = img.norm  # never read (EMBED is False)
+        E = 1
+    for a in range(0, P, _MAX_GRID):
+        b = min(P, a + _MAX_GRID)
+        args, meta = _kernel_args(out.view(-1, 1), img, txt, Gi, Gt, N, M, K, L, float(scale[0]), float(scale[1]), float(u1),
+                                  float(u2), H=H, DH=DH, D=D, E=E, pairwise=pairwise, embed=global_emb is not None,
+                                  dot_prec="tf32" if (allow_tf32 or img.Q.dtype != torch.float32) else "ieee",
+                                  dummy=img.norm)
+        # The grid kernel's arguments after (S_ptr, stride_sn, stride_sm) are the list kernel's after (S_ptr, pairs_ptr).
+        _acf_pair_list_kernel_tuned[(b - a,)](out[a:b], pairs[a:b], *args[3:], **meta)
+    return out

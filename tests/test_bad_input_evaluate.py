@@ -280,10 +280,12 @@ def test_chunks_of_the_old_single_folder_layout_are_removed(tmp_path):
     assert not (tmp_path / "chunks").exists() and not (tmp_path / "manifest.json").exists()
 
 
-def test_stream_under_torchrun_is_refused_before_any_work(split_and_ckpt, tmp_path, capsys, monkeypatch):
-    """--stream is one process; under torchrun each rank would stream the whole grid."""
+@pytest.mark.parametrize("flag", [["--stream"], ["--shortlist", "4"]])
+def test_one_process_modes_under_torchrun_are_refused_before_any_work(split_and_ckpt, tmp_path, capsys, monkeypatch,
+                                                                       flag):
+    """--stream and --shortlist run in one process; under torchrun each rank would redo the whole job."""
     data, ckpt = split_and_ckpt
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "r.json"
-    refused(eval_data(data, ckpt, "--stream", "--out", out), capsys, "--stream", "torchrun")
+    refused(eval_data(data, ckpt, *flag, "--out", out), capsys, flag[0], "torchrun")
     assert not out.exists()

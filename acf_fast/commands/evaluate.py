@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
     p.add_argument("--stream", action="store_true",
                    help="with --data: never hold S; score tiles in passes (acf_fast.stream), memory O((N+M) k)")
+    p.add_argument("--shortlist", type=_positive_int, metavar="K",
+                   help="with --data: two-stage scoring (acf_fast.shortlist): the model's global embeddings rank "
+                        "everything, ACF re-scores each image's top K texts and each text's top K images")
     add_precision_arg(p, "with --data, scoring precision")
     p.add_argument("--rerank", action="store_true", help="also re-rank both directions (ACF-R+, spec §5)")
     p.add_argument("--k-i2t", type=_positive_int, default=15, help="k̂ for image-to-text re-ranking (default 15)")
@@ -101,7 +104,7 @@ def run(args) -> int:
                 neighbors=args.neighbors)
     record = {"command": "evaluate"}
     if args.sims is not None:
-        for flag in ("checkpoint", "work", "save_sims", "stream"):
+        for flag in ("checkpoint", "work", "save_sims", "stream", "shortlist"):
             if getattr(args, flag) not in (None, False):
                 raise ValueError(f"--{flag.replace('_', '-')} goes with --data, not --sims")
         from ..machine import resolve_device
@@ -126,9 +129,14 @@ def run(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} cannot go with --stream: a streaming evaluation never "
                                  "holds S (nor saves its chunks)")
-        if args.stream and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--stream runs in one process: under torchrun drop --stream (the ranks then share the "
-                             "scoring and rank 0 holds S), or run the streaming evaluation alone")
+        for flag in ("stream", "shortlist"):
+            if getattr(args, flag) not in (None, False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(f"--{flag} runs in one process: under torchrun drop --{flag} (the ranks then share "
+                                 f"the scoring and rank 0 holds S), or run it alone")
+        if args.shortlist is not None:
+            from ..shortlist import check_shortlist_args
+
+            check_shortlist_args(args)
         from ..atomic import atomic_save_npy
         from ..paths import require_file, require_folder
         from ..scoring import score_split
@@ -143,14 +151,21 @@ def run(args) -> int:
                                         device=args.device, precision=args.precision, chunk_images=args.chunk_images,
                                         progress=not args.quiet, **opts)
         else:
-            from ..sharded import ranks
+            if args.shortlist is not None:
+                from ..shortlist import shortlist_split
 
-            with ranks(args.device) as group:  # under torchrun: this rank's share of the chunks, S on rank 0
-                scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
-                                     device=group.device, precision=args.precision, chunk_images=args.chunk_images,
-                                     progress=not args.quiet, group=group)
-            if scored.S is None:
-                return 0  # another rank than 0: rank 0 ranks, re-ranks and writes
+                scored = shortlist_split(args.checkpoint, args.data, args.split, k=args.shortlist, backend=args.backend,
+                                         device=args.device, precision=args.precision, progress=not args.quiet)
+                record["shortlist"] = args.shortlist
+            else:
+                from ..sharded import ranks
+
+                with ranks(args.device) as group:  # under torchrun: this rank's share of the chunks, S on rank 0
+                    scored = score_split(args.checkpoint, args.data, args.split, work=args.work, backend=args.backend,
+                                         device=group.device, precision=args.precision,
+                                         chunk_images=args.chunk_images, progress=not args.quiet, group=group)
+                if scored.S is None:
+                    return 0  # another rank than 0: rank 0 ranks, re-ranks and writes
             if args.save_sims is not None:
                 atomic_save_npy(args.save_sims, scored.S.numpy())
             result = evaluate_protocol(scored.S, args.protocol, scored.txt2img, text_vectors=scored.text_vectors,
