@@ -22,6 +22,15 @@ cores other jobs hold: compare the CPU time, or run with ``--threads 1``. The ha
 sets OMP_WAIT_POLICY=PASSIVE before torch loads (see bench.report.OMP_NOTE): spinning
 OpenMP threads on a busy 2-core machine cost several times the work.
 Writes ``bench/results/rerank_cpu.json`` (atomic; ``--out`` to change).
+
+Why the first committed figure (0.705 s both ways, 2026-11-28) does not reproduce: the
+machine, not the code. The commit that wrote it (d12a089), rerun with its own script on
+this project's 2-core VM on 2026-12-06 at load average 1.2, takes 2.31 s wall and 4.60 s
+process CPU for the same U(0, 1) S (``results/rerank_cpu_at_d12a089_rerun_2026-12-06.json``)
+against the committed 0.70 s and 1.41 s: 3.3x the CPU time for the same work, so that
+run had a faster host. Under load the old script also paid OpenMP's spinning: at load
+average 6-8 the same commit took 22.7 s wall with the default wait policy and 5.6 s with
+OMP_WAIT_POLICY=PASSIVE, which this script now sets. Compare runs only within one file.
 """
 from __future__ import annotations
 
