@@ -28,7 +28,6 @@ score; x_w, x_v, x_g and gate do not exist then. The local score keeps its atten
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 

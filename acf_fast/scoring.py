@@ -190,6 +190,50 @@ def check_model_fits(model, data, words, checkpoint, folder, split: str) -> None
 
 
 @dataclass
+class OpenedSplit:
+    """What every scorer of a split starts from (:func:`open_split`): the model on
+    ``device``, its checkpoint path (None for an instance), the split
+    (:func:`acf_fast.data.load_split`) and its encoded captions, words (M, L, Db) and
+    word_mask (M, L)."""
+
+    model: torch.nn.Module
+    checkpoint: Optional[Path]
+    data: object
+    words: torch.Tensor
+    word_mask: torch.Tensor
+    device: torch.device
+
+
+def open_split(model, folder, split: str, *, backend: str, device, precision: str) -> OpenedSplit:
+    """The checks and loads that :func:`score_split`, ``stream.stream_split`` and
+    ``shortlist.shortlist_split`` share: device, precision and backend checked, the model
+    loaded (a checkpoint path, ``ACF.save``) or taken (an ACF instance) and moved to the
+    device, the split and its encoded captions loaded and checked against each other and
+    against the model's widths. ValueError naming the file or option otherwise."""
+    from .data import load_encoded, load_split
+    from .model import ACF
+
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    folder = Path(folder)
+    require_folder(folder, "--data")
+    checkpoint = None
+    if isinstance(model, (str, Path)):
+        checkpoint = require_file(model, "--checkpoint")
+        model = ACF.load(checkpoint, map_location=str(dev))
+    model = model.to(dev)
+    data = load_split(folder, split)
+    words, word_mask = load_encoded(folder, split)
+    if words.shape[0] != data.num_captions:
+        raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {data.num_captions} captions in "
+                         f"{split}_caps.txt")
+    check_model_fits(model, data, words, checkpoint, folder, split)
+    return OpenedSplit(model, checkpoint, data, words, word_mask, dev)
+
+
+@dataclass
 class ScoredSplit:
     """S (N, M) float32 CPU tensor (None on the ranks other than 0 of a sharded run), text_vectors (M, D) float32 CPU tensor (the model's
     per-text vectors, for ``embedding`` neighbours), txt2img (M,) int64, and info: how
@@ -232,32 +276,15 @@ def score_split(
             None or one rank: this process scores everything.
     """
     import acf_fast
-    from .data import load_encoded, load_split
-    from .model import ACF
 
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(chunk_images, int) or chunk_images < 1:
         raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
-    folder = Path(folder)
-    require_folder(folder, "--data")
-    if isinstance(model, (str, Path)):
-        checkpoint = require_file(model, "--checkpoint")
-        work = Path(work) if work is not None else default_work(checkpoint, split)
-        model = ACF.load(checkpoint, map_location=str(dev))
-    elif work is None:
+    if work is None and not isinstance(model, (str, Path)):
         raise ValueError("score_split of a model instance needs work= (the folder of its chunk cache)")
-    else:
-        checkpoint = None
-    model = model.to(dev)
-    data = load_split(folder, split)
-    words, word_mask = load_encoded(folder, split)
-    M = data.num_captions
-    if words.shape[0] != M:
-        raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
-    check_model_fits(model, data, words, checkpoint, folder, split)
+    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision)
+    model, data, dev = opened.model, opened.data, opened.device
+    words, word_mask, M = opened.words, opened.word_mask, opened.data.num_captions
+    work = Path(work) if work is not None else default_work(opened.checkpoint, split)
     text_chunk = text_chunk or default_text_chunk(dev)
     settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
     fingerprint = dict(settings, model=model_fingerprint(model), data=data_fingerprint(folder, split), split=split,

@@ -28,8 +28,6 @@ this S exactly as on a full one.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -149,32 +147,14 @@ def shortlist_split(
     """
     from tqdm.auto import tqdm
 
-    from .data import load_encoded, load_split
-    from .machine import resolve_device
-    from .model import ACF
-    from .paths import require_file, require_folder
-    from .scoring import (_autocast, _eval_mode, check_model_fits, check_precision, encode_texts, image_tensors)
-    from .similarity import BACKENDS
+    from .scoring import _autocast, _eval_mode, encode_texts, image_tensors, open_split
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"--shortlist must be a positive int, got {k!r}")
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    folder = Path(folder)
-    require_folder(folder, "--data")
-    checkpoint: Optional[Path] = None
-    if isinstance(model, (str, Path)):
-        checkpoint = require_file(model, "--checkpoint")
-        model = ACF.load(checkpoint, map_location=str(dev))
-    model = model.to(dev)
-    data = load_split(folder, split)
-    words, word_mask = load_encoded(folder, split)
+    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision)
+    model, data, dev = opened.model, opened.data, opened.device
+    words, word_mask = opened.words, opened.word_mask
     N, M = data.num_images, data.num_captions
-    if words.shape[0] != M:
-        raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
-    check_model_fits(model, data, words, checkpoint, folder, split)
 
     t0 = time.perf_counter()
     texts = encode_texts(model, words, word_mask, dev, precision=precision)

@@ -709,30 +709,15 @@ def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any",
     """``acf-fast evaluate --data --stream``: :func:`stream_evaluate` of a checkpoint on a
     SCAN-layout split, with the model as the block scorer (:class:`ACFBlockScorer`) and its
     text vectors for ``embedding`` neighbours. Returns (result dict, scoring info)."""
-    from .data import load_encoded, load_split
-    from .machine import resolve_device
-    from .model import ACF
-    from .paths import require_file, require_folder
-    from .scoring import check_model_fits, check_precision, default_text_chunk, encode_texts
-    from .similarity import BACKENDS
+    from .scoring import default_text_chunk, encode_texts, open_split
 
     if opts.get("rerank") and opts.get("neighbors") == "profile":
         raise ValueError(PROFILE_REFUSAL)
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1:
         raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
-    checkpoint = require_file(checkpoint, "--checkpoint")
-    folder = require_folder(folder, "--data")
-    model = ACF.load(checkpoint, map_location=str(dev)).to(dev)
-    data = load_split(folder, split)
-    words, word_mask = load_encoded(folder, split)
-    M = data.num_captions
-    if words.shape[0] != M:
-        raise ValueError(f"{folder}: {words.shape[0]} encoded captions but {M} captions in {split}_caps.txt")
-    check_model_fits(model, data, words, checkpoint, folder, split)
+    opened = open_split(checkpoint, folder, split, backend=backend, device=device, precision=precision)
+    model, data, dev = opened.model, opened.data, opened.device
+    words, word_mask, M = opened.words, opened.word_mask, opened.data.num_captions
     text_chunk = text_chunk or default_text_chunk(dev)
     texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
     scorer = ACFBlockScorer(model, data, texts, dev, backend=backend, precision=precision, chunk_images=chunk_images)

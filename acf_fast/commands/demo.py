@@ -112,7 +112,6 @@ def _plot(rows, path: Path, title: str) -> None:
 def run(args) -> int:
     import torch
 
-    from ..atomic import atomic_write_json
     from ..data import encode_split, load_encoded, load_split, write_synthetic
     from ..machine import resolve_device
     from ..scoring import check_precision, score_split
