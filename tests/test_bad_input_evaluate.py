@@ -280,6 +280,7 @@ def test_chunks_of_the_old_single_folder_layout_are_removed(tmp_path):
     assert not (tmp_path / "chunks").exists() and not (tmp_path / "manifest.json").exists()
 
 
+# ------------------------------------------------------------------ issue 15: one-process modes
 @pytest.mark.parametrize("flag", [["--stream"], ["--shortlist", "4"]])
 def test_one_process_modes_under_torchrun_are_refused_before_any_work(split_and_ckpt, tmp_path, capsys, monkeypatch,
                                                                        flag):
