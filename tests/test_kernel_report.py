@@ -34,7 +34,6 @@ def test_paper_bf16_under_its_instruction_target(records):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "paper", "bf16")]
 
 
-@pytest.mark.xfail(strict=True, reason="acf-code bf16 issues ~11 K warp-instructions per pair (target 10 K): open")
 def test_acf_code_bf16_under_its_instruction_target(records):
     for r in _at16(records, "acf-code"):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "acf-code", "bf16")]
