@@ -274,13 +274,11 @@ def with_magnitude_scaling(inner, V, v_mask, W, w_mask, *, scale, G, **kwargs):
     return S
 
 
-def _torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb, eps):
+def run_setup(V, W, G, global_emb, weights):
+    """What every torch-backend run (the grid here, ``pairs._torch_pairs``) derives first:
+    (compute dtype, its bytes per element, Gi and Gt in it (or None), whether autograd
+    needs a graph through any input or weight)."""
     cdt = compute_dtype(V.dtype)
-    N, K, D = V.shape
-    M, L, _ = W.shape
-    H = heads
-    pairwise = G is not None
-    elem = torch.finfo(cdt).bits // 8
     emb_i = emb_t = None
     if global_emb is not None:
         emb_i, emb_t = (g.to(cdt) for g in global_emb)
@@ -288,6 +286,15 @@ def _torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G,
         t is not None and t.requires_grad
         for t in (V, W, G, emb_i, emb_t, *(weights or {}).values())
     )
+    return cdt, torch.finfo(cdt).bits // 8, emb_i, emb_t, need_grad
+
+
+def _torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb, eps):
+    cdt, elem, emb_i, emb_t, need_grad = run_setup(V, W, G, global_emb, weights)
+    N, K, D = V.shape
+    M, L, _ = W.shape
+    H = heads
+    pairwise = G is not None
     n_c, m_c = _chunk_shape(N, M, K, L, D, H, elem, V.device.type)
     i_block = _image_block(N, K, D, H, elem, pairwise)
     t_block = max(_text_block(M, L, D, H, elem, pairwise), min(m_c, M))

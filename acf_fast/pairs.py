@@ -197,10 +197,10 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
     """
     from torch.utils.checkpoint import checkpoint
 
-    from .fused_torch import _image_block, _item_bytes, _pair_chunk, ITEM_BUDGET_BYTES
-    from .precompute import compute_dtype, precompute_items
+    from .fused_torch import _image_block, _item_bytes, _pair_chunk, ITEM_BUDGET_BYTES, run_setup
+    from .precompute import precompute_items
 
-    cdt = compute_dtype(V.dtype)
+    cdt, elem, emb_i, emb_t, need_grad = run_setup(V, W, G, global_emb, weights)
     P = pairs.shape[0]
     if P == 0:
         return torch.empty(0, dtype=cdt, device=V.device)
@@ -208,13 +208,6 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
     M, L, _ = W.shape
     H = heads
     pairwise = G is not None
-    elem = torch.finfo(cdt).bits // 8
-    emb_i = emb_t = None
-    if global_emb is not None:
-        emb_i, emb_t = (g.to(cdt) for g in global_emb)
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (V, W, G, emb_i, emb_t, *(weights or {}).values())
-    )
     i_block = _image_block(N, K, D, H, elem, pairwise)
     t_block = max(1, min(M, ITEM_BUDGET_BYTES // _item_bytes(L, D, H, elem, pairwise)))
     # One key orders pairs by (image block, text block, image, text): every block's pairs
