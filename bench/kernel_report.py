@@ -129,7 +129,7 @@ def v2_expected_macs(m: dict) -> int:
 
 def v2_trips(build, m: dict):
     """Trip count of each SASS loop of a v2 build: the tile loop runs once per tile (we
-    count per tile), the head loop H times, the full-Γ quadratic forms NC × NC."""
+    count per tile), each of the two head loops H times, the full-Γ quadratic forms NC × NC."""
     instrs = build.instructions()
     by_addr = {ins.address: ins for ins in instrs}
 
@@ -137,7 +137,8 @@ def v2_trips(build, m: dict):
         return sum(1 for ins in instrs if lp.start <= ins.address <= lp.end and ins.opcode.startswith(("HGMMA", "HMMA")))
 
     loops = list(build.loops)
-    heads = max((lp for lp in loops if lp.depth == 1), key=hgmma_in)
+    # the two head loops (regions -> words, then words -> regions) hold the most wgmma
+    head_loops = sorted((lp for lp in loops if lp.depth == 1), key=hgmma_in)[-2:]
     HL = m["H"] * m["LB"]
     ncw, ncv = HL // m["QCW"], m["HKP"] // m["QCV"]
     quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image)
@@ -147,7 +148,7 @@ def v2_trips(build, m: dict):
     for lp in loops:
         if lp.depth == 0:
             trips.append(1)
-        elif lp is heads:
+        elif lp in head_loops:
             trips.append(m["H"])
         elif hgmma_in(lp):
             trips.append(next(q))
