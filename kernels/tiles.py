@@ -147,6 +147,7 @@ def _tile_kernel(
     n_it = tl.cdiv(N, GI)
     n_tiles = n_it * n_tt
     HL: tl.constexpr = H * LB
+    KP: tl.constexpr = triton.next_power_of_2(K)
     TILE: tl.constexpr = BR * BC
     slot = scratch_ptr + pid.to(tl.int64) * (H * 2 * TILE)
 
@@ -177,10 +178,11 @@ def _tile_kernel(
         v_first = i0 * (K * DH)  # int64 element offset of the tile's first region row
         w_first = t0 * (LB * DH)
         # valid query rows per (image slot) and per (text slot): the means' denominators
-        cnt_i = tl.zeros((GIP,), dtype=tl.float32)
-        for g in tl.static_range(GI):
-            cnt_i = tl.where(slot_i == g, tl.sum((v_valid & (img_r == g)).to(tl.float32), axis=0), cnt_i)
-        cnt_i = tl.maximum(cnt_i, 1.0)
+        kk = tl.arange(0, KP)
+        g_in = (slot_i < GI) & (slot_i < (N - i0).to(tl.int32))
+        m2 = tl.load((vmask_ptr + i0 * K) + slot_i[:, None] * K + kk[None, :], mask=g_in[:, None] & (kk < K)[None, :],
+                     other=0)
+        cnt_i = tl.maximum(tl.sum((m2 != 0).to(tl.float32), axis=1), 1.0)
         cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
 
         num_i = tl.zeros((BR, GT), dtype=tl.float32)
