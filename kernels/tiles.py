@@ -235,10 +235,11 @@ def _tile_kernel(
                 _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
 
         # A second pass over the heads for words -> regions instead of one loop doing both
-        # directions: each loop then holds one direction's accumulators and masks, which
-        # cuts the spills of the offline sm_90 build (bf16 936 -> 580 B per thread, fp32
-        # 4.6 -> 2.0 KB) and ~4 % of the instructions, at the price of reading the tile's
-        # features from L2 twice (unmeasured on a GPU: bench/gpu_check.py decides).
+        # directions: each loop then holds one direction's accumulators and masks. In the
+        # offline sm_90 build (acf-code, bucket 16) the split alone took the spills from 936
+        # to 720 B per thread in bf16 (4.6 -> 2.5 KB in fp32), and the instructions per pair
+        # down by ~4 %; the price is reading the tile's features from L2 twice (0.5 MB more
+        # per tile), which only a GPU run (bench/gpu_check.py) can weigh.
         for h in range(H):
             hv = h * stride_vh + v_first
             hw = h * w_head + w_first
