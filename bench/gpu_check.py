@@ -309,6 +309,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
         rec["full_kernel_tflops"] = flops / t_kernel / 1e12
         if ceiling_tflops:
             rec["full_fraction_of_bf16_ceiling"] = rec["full_tflops"] / ceiling_tflops
+        rec["v2_autotuned"] = tiles.autotuned_configs()  # e.g. one or two passes over the heads
         if not bool(torch.isfinite(out).all()):
             rec["failures"].append("full grid: S has NaN/Inf or unwritten entries")
         # spot check of the full run against the check slice (same inputs, same code)

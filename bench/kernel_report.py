@@ -129,7 +129,7 @@ def v2_expected_macs(m: dict) -> int:
 
 def v2_trips(build, m: dict):
     """Trip count of each SASS loop of a v2 build: the tile loop runs once per tile (we
-    count per tile), each of the two head loops H times, the full-Γ quadratic forms NC × NC."""
+    count per tile), each head loop (two with SPLIT) H times, the full-Γ quadratic forms NC × NC."""
     instrs = build.instructions()
     by_addr = {ins.address: ins for ins in instrs}
 
@@ -137,8 +137,8 @@ def v2_trips(build, m: dict):
         return sum(1 for ins in instrs if lp.start <= ins.address <= lp.end and ins.opcode.startswith(("HGMMA", "HMMA")))
 
     loops = list(build.loops)
-    # the two head loops (regions -> words, then words -> regions) hold the most wgmma
-    head_loops = sorted((lp for lp in loops if lp.depth == 1), key=hgmma_in)[-2:]
+    # the head loops (SPLIT: regions -> words, then words -> regions) hold the most wgmma
+    head_loops = sorted((lp for lp in loops if lp.depth == 1), key=hgmma_in)[-(2 if m["SPLIT"] else 1):]
     HL = m["H"] * m["LB"]
     ncw, ncv = HL // m["QCW"], m["HKP"] // m["QCV"]
     quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image)
@@ -171,6 +171,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         rec = _record(b, v2_trips(b, m), v2_expected_macs(m), pairs, r,
                       padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
+        rec["head_passes"] = 2 if m["SPLIT"] else 1
         recs.append(rec)
     return recs
 
@@ -262,6 +263,7 @@ def v1_records(variants, dtypes, log):
         trips = v1_trips(b, m) if expected is not None else None
         rec = _record(b, trips, expected, 1, r, padded_K=m["KP"], padded_L=m["LP"], L_useful=L_MEAN)
         rec["tile"] = "1 image x 1 text (one program per pair)"
+        rec["head_passes"] = 1
         recs.append(rec)
     return recs
 
@@ -326,14 +328,15 @@ def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("
 
 
 def markdown(report: dict) -> str:
-    rows = ["| kernel | variant | dtype | bucket | warps / stages | registers | spill B | shared KiB | wgmma | "
-            "warp-instr / pair | useful / padded MACs | tensor-core MACs / pair |",
-            "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
+    rows = ["| kernel | variant | dtype | bucket | warps / stages | head passes | registers | spill B | shared KiB | "
+            "wgmma | warp-instr / pair | useful / padded MACs | tensor-core MACs / pair |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in report["records"]:
         wi = r["warp_instructions_per_pair"]
         tc = r["tensor_core_macs_per_pair"]
         rows.append(f"| {r['version']} | {r['variant']} | {r['dtype']} | {r['bucket']} | {r['num_warps']} / "
-                    f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+                    f"{r['num_stages']} | {r.get('head_passes', 1)} | {r['registers']} | {r['spill_bytes']} | "
+                    f"{r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
                     f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} |")
     return "\n".join(rows)

@@ -137,7 +137,7 @@ def _tile_kernel(
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
     PAIRWISE: tl.constexpr, EMBED: tl.constexpr, BLOCK_E: tl.constexpr,
-    DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr,
+    DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
     each program walks tiles pid, pid + programs, ... (one tile each when the grid covers
@@ -189,98 +189,102 @@ def _tile_kernel(
         nrm_i = tl.zeros((BR, GT), dtype=tl.float32)
         num_t = tl.zeros((BC, GIP), dtype=tl.float32)
         nrm_t = tl.zeros((BC, GIP), dtype=tl.float32)
-        for h in range(H):
-            # a scalar int64 base + int32 in-tile offsets: the offsets are loop invariants,
-            # live through the whole kernel, and int64 ones spill (offline sm_90 report)
-            hv = h * stride_vh + v_first
-            hw = h * w_head + w_first
-            vq = tl.load((vq_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-            wk = tl.load((wk_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-
-            # ---- regions -> words: rows = regions, segments = texts (LB columns each)
-            if not FULL:
-                # Γw first: it goes to shared memory as a later dot's operand, so its
-                # registers are free before the logits tile is live.
-                gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
-                gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
-            x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
-            p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
-            if O_IS_Q:
-                xn = x
-            else:
-                vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-                xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
-            num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) / ssum
-            if FULL or PAIRWISE:
-                a = tl.reshape(p / ssum[:, :, None], (BR, BC))  # normalised attention A_h
-            if FULL:
-                tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
-            else:
-                # ‖Σ_l p_l k_l‖² = p Γw pᵀ: the dot takes p in the storage dtype, the product
-                # the fp32 p (no conversion back, one factor rounded instead of two: -7%
-                # instructions per pair in the offline report)
-                p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)
-                y = tl.dot(p2, gw, input_precision=DOT_PREC)
-                nrm_i += tl.sum(p * tl.reshape(y, (BR, GT, LB)), axis=2) / (ssum * ssum)
-            if PAIRWISE:
-                # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
-                pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-                ablk = tl.zeros((PP, BC), dtype=tl.float32)
-                for g in tl.static_range(GI):
-                    colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
-                    cg = tl.sum(tl.where(slot_i == g, cnt_i, 0.0), axis=0)
-                    pick = (pg == g)[:, None] & (txt_c[None, :] == pj[:, None])
-                    ablk = tl.where(pick, (colsum / cg)[None, :], ablk)
-                kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
-                _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
-
-        # A second pass over the heads for words -> regions instead of one loop doing both
-        # directions: each loop then holds one direction's accumulators and masks. In the
-        # offline sm_90 build (acf-code, bucket 16) the split alone took the spills from 936
-        # to 720 B per thread in bf16 (4.6 -> 2.5 KB in fp32), and the instructions per pair
-        # down by ~4 %; the price is reading the tile's features from L2 twice (0.5 MB more
-        # per tile), which only a GPU run (bench/gpu_check.py) can weigh.
-        for h in range(H):
-            hv = h * stride_vh + v_first
-            hw = h * w_head + w_first
-            vk = tl.load((vk_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-            wq = tl.load((wq_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-            # ---- words -> regions: rows = tokens, segments = images (K columns each)
-            if not FULL:
-                gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
-                gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
-            xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
-            q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
-            if O_IS_Q:
-                xtn = xt
-            else:
-                wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-                xtn = tl.dot(wo, tl.trans(vk), input_precision=DOT_PREC)
-            num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) / qsum
-            if FULL or PAIRWISE:
-                qs = tl.zeros_like(q)
-                for g in tl.static_range(GI):
-                    qg = tl.sum(tl.where(slot_i == g, qsum, 0.0), axis=1)
-                    qs = tl.where((img_r == g)[None, :], qg[:, None], qs)
-                b = q / tl.where(qs > 0.0, qs, 1.0)  # normalised attention B_h (BC, BR)
-            if FULL:
-                tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
-            else:
-                q2 = q.to(vk.dtype)
-                z = tl.dot(q2, gv, input_precision=DOT_PREC)
-                nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) / (qsum * qsum)
-            if PAIRWISE:
-                # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
-                bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
-                bbar = bsum / cnt_t[:, None]
-                pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-                bblk = tl.zeros((PP, BR), dtype=tl.float32)
-                for j in tl.static_range(GT):
-                    rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)  # (BR,)
-                    pick = (pj == j)[:, None] & (img_r[None, :] == pg[:, None])
-                    bblk = tl.where(pick, rowj[None, :], bblk)
-                lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
-                _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+        # SPLIT: regions -> words in a first pass over the heads and words -> regions in a
+        # second, instead of both in one. Each loop then holds one direction's accumulators
+        # and masks: in the offline sm_90 build (acf-code, bucket 16) the split alone took the
+        # spills from 936 to 720 B per thread in bf16 (4.6 -> 2.5 KB in fp32) and ~4 % of the
+        # instructions per pair, at the price of reading the tile's features from L2 twice
+        # (0.5 MB more per tile). Which costs more only a GPU can say: the autotuner tries both.
+        for ps in tl.static_range(1 + SPLIT):
+            for h in range(H):
+                # a scalar int64 base + int32 in-tile offsets: the offsets are loop invariants,
+                # live through the whole kernel, and int64 ones spill (offline sm_90 report)
+                hv = h * stride_vh + v_first
+                hw = h * w_head + w_first
+                if ps == 0:
+                    vq = tl.load((vq_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
+                    wk = tl.load((wk_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
+                if ps == 1 or not SPLIT:
+                    if SHARED_QK and not SPLIT:
+                        vk = vq
+                        wq = wk
+                    else:
+                        vk = tl.load((vk_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
+                        wq = tl.load((wq_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
+                if ps == 0:
+                    # ---- regions -> words: rows = regions, segments = texts (LB columns each)
+                    if not FULL:
+                        # Γw first: it goes to shared memory as a later dot's operand, so its
+                        # registers are free before the logits tile is live.
+                        gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
+                        gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
+                    x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
+                    p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
+                    if O_IS_Q:
+                        xn = x
+                    else:
+                        vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
+                        xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
+                    num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) / ssum
+                    if FULL or PAIRWISE:
+                        a = tl.reshape(p / ssum[:, :, None], (BR, BC))  # normalised attention A_h
+                    if FULL:
+                        tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
+                    else:
+                        # ‖Σ_l p_l k_l‖² = p Γw pᵀ: the dot takes p in the storage dtype, the product
+                        # the fp32 p (no conversion back, one factor rounded instead of two: -7%
+                        # instructions per pair in the offline report)
+                        p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)
+                        y = tl.dot(p2, gw, input_precision=DOT_PREC)
+                        nrm_i += tl.sum(p * tl.reshape(y, (BR, GT, LB)), axis=2) / (ssum * ssum)
+                    if PAIRWISE:
+                        # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
+                        pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+                        ablk = tl.zeros((PP, BC), dtype=tl.float32)
+                        for g in tl.static_range(GI):
+                            colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
+                            cg = tl.sum(tl.where(slot_i == g, cnt_i, 0.0), axis=0)
+                            pick = (pg == g)[:, None] & (txt_c[None, :] == pj[:, None])
+                            ablk = tl.where(pick, (colsum / cg)[None, :], ablk)
+                        kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
+                        _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+                if ps == 1 or not SPLIT:
+                    # ---- words -> regions: rows = tokens, segments = images (K columns each)
+                    if not FULL:
+                        gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
+                        gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
+                    xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
+                    q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
+                    if O_IS_Q:
+                        xtn = xt
+                    else:
+                        wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
+                        xtn = tl.dot(wo, tl.trans(vk), input_precision=DOT_PREC)
+                    num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) / qsum
+                    if FULL or PAIRWISE:
+                        qs = tl.zeros_like(q)
+                        for g in tl.static_range(GI):
+                            qg = tl.sum(tl.where(slot_i == g, qsum, 0.0), axis=1)
+                            qs = tl.where((img_r == g)[None, :], qg[:, None], qs)
+                        b = q / tl.where(qs > 0.0, qs, 1.0)  # normalised attention B_h (BC, BR)
+                    if FULL:
+                        tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
+                    else:
+                        q2 = q.to(vk.dtype)
+                        z = tl.dot(q2, gv, input_precision=DOT_PREC)
+                        nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) / (qsum * qsum)
+                    if PAIRWISE:
+                        # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
+                        bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
+                        bbar = bsum / cnt_t[:, None]
+                        pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+                        bblk = tl.zeros((PP, BR), dtype=tl.float32)
+                        for j in tl.static_range(GT):
+                            rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)  # (BR,)
+                            pick = (pj == j)[:, None] & (img_r[None, :] == pg[:, None])
+                            bblk = tl.where(pick, rowj[None, :], bblk)
+                        lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
+                        _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
 
         if FULL:
             # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
@@ -645,17 +649,21 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
 
 def _configs(interpret: bool):
     """8 warps (two warpgroups, one per 64 tile rows): at 4 warps the offline sm_90 build
-    spills ~2 KB per thread. Two shared-memory stages only where they fit in 227 KB."""
+    spills ~2 KB per thread. Two shared-memory stages only where they fit in 227 KB; the
+    directions in two passes over the heads (SPLIT) or in one (see the kernel)."""
     if interpret:
-        return [triton.Config({"GROUP_I": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"GROUP_I": 16}, num_warps=8, num_stages=s) for s in (1, 2)]
+        return [triton.Config({"GROUP_I": 4, "SPLIT": True}, num_warps=4, num_stages=1)]
+    return [triton.Config({"GROUP_I": 16, "SPLIT": sp}, num_warps=8, num_stages=s) for sp in (True, False)
+            for s in (1, 2)]
 
 
 def _prune(configs, named_args, **meta):
     """Full Γ and fp32 operands need one stage (two overflow shared memory); the
-    block-diagonal bf16 tile tries both."""
+    block-diagonal bf16 tile tries both. One pass over the heads is tried only for the
+    block-diagonal bf16 tile, the configuration a GPU run times first (each extra config
+    is one more compile per autotuning key); elsewhere the split spills far less."""
     if meta.get("FULL") or meta.get("DOT_PREC") != "tf32" or meta.get("DH", 0) > 128:
-        return [c for c in configs if c.num_stages == 1] or configs[:1]
+        return [c for c in configs if c.num_stages == 1 and c.kwargs.get("SPLIT", True)] or configs[:1]
     return configs
 
 
@@ -663,6 +671,14 @@ _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARE
              "DOT_PREC"]
 _tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY,
                               prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
+
+
+def autotuned_configs() -> List[dict]:
+    """What the tile kernel's autotuner has chosen so far in this process, one entry per
+    autotuning key (bucket, dtype path, variant flags): for the GPU check's JSON."""
+    cache = getattr(_tile_tuned, "cache", {}) or {}
+    return [dict(key=[str(k) for k in key], num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs)
+            for key, c in cache.items()]
 
 
 def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
@@ -736,7 +752,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: float,
                  gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
                  cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
-                 global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8) -> torch.Tensor:
+                 global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8, split: Optional[bool] = None) -> torch.Tensor:
     """Write S (N, M) float32 into ``out``: one launch per text bucket (and, with the
     pairwise global score, per chunk of images of at most ``global_pairs`` pairs).
 
@@ -744,7 +760,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     ``eps``: the cosines' clamp (1e-8, spec notation; divided by the scale factors when
     the caller has rescaled huge inputs, see kernels/similarity.py);
     ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
-    without autotuning (offline report, tests)."""
+    without autotuning (offline report, tests), with ``split`` (when given) in place of its
+    SPLIT (one or two passes over the heads)."""
     img = plan.images
     N = img.n
     embed = gi is not None
@@ -781,7 +798,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 _tile_tuned[grid](*args, **meta)
             else:
                 cfg = _configs(_INTERPRET)[0]
-                _tile_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                kw = dict(cfg.kwargs) if split is None else {**cfg.kwargs, "SPLIT": bool(split)}
+                _tile_kernel[grid](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if plan.glob is not None:
                 _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
     return out

@@ -16,11 +16,11 @@ from bench import kernel_report
 @pytest.fixture(scope="module")
 def records():
     recs = kernel_report.v2_records(("acf-code", "paper"), ("bf16",), log=lambda *_: None, buckets=(16,))
-    return {(r["variant"], r["bucket"], r["num_stages"]): r for r in recs}
+    return {(r["variant"], r["bucket"], r["num_stages"], r["head_passes"]): r for r in recs}
 
 
 def _at16(records, variant):
-    return [r for (v, b, _), r in records.items() if v == variant and b == 16]
+    return [r for (v, b, _, _), r in records.items() if v == variant and b == 16]
 
 
 def test_every_main_dot_is_wgmma(records):

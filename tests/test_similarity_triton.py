@@ -111,6 +111,21 @@ def test_tiles_againstreference(name, variant, wnames, shape, DH, tile, buckets,
     assert_scores_close(out, reference(case), torch.float32, name)
 
 
+@pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", TILE_CASES[:2], ids=[c[0] for c in TILE_CASES[:2]])
+def test_tiles_in_one_pass_over_the_heads(name, variant, wnames, shape, DH, tile, buckets, device, monkeypatch):
+    """SPLIT=False, the autotuner's other choice on a GPU (both directions in one loop over
+    the heads; the interpreter's config splits): the same cases against the reference."""
+    monkeypatch.setattr(tiles, "BUCKETS", buckets)
+    N, M, K, L = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    case = _hard_masks(make_case(N, M, K, L, D=DH[0], H=DH[1], variant=variant, weights=wnames or (), seed=N + M,
+                                 device=device), gen)
+    out = torch.full((N, M), float("nan"), device=device)
+    _launch(case, out, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], tuned=False, split=False)
+    assert torch.isfinite(out).all(), "some S[i, j] was never written"
+    assert_scores_close(out, reference(case), torch.float32, name + " one pass")
+
+
 @pytest.mark.parametrize("variant", ["paper", "acf-code"])
 def test_every_element_written_and_nothing_else(variant, device, monkeypatch):
     """Poisoned output inside a larger poisoned buffer: each S[i, j] written exactly where
