@@ -111,7 +111,10 @@ def test_tiles_againstreference(name, variant, wnames, shape, DH, tile, buckets,
     assert_scores_close(out, reference(case), torch.float32, name)
 
 
-@pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", TILE_CASES[:2], ids=[c[0] for c in TILE_CASES[:2]])
+ONE_PASS_CASES = [TILE_CASES[0], TILE_CASES[1], TILE_CASES[4]]  # block-diagonal, full Γ, block-diagonal + pairwise
+
+
+@pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", ONE_PASS_CASES, ids=[c[0] for c in ONE_PASS_CASES])
 def test_tiles_in_one_pass_over_the_heads(name, variant, wnames, shape, DH, tile, buckets, device, monkeypatch):
     """SPLIT=False, the autotuner's other choice on a GPU (both directions in one loop over
     the heads; the interpreter's config splits): the same cases against the reference."""
