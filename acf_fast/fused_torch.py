@@ -252,9 +252,9 @@ def with_magnitude_scaling(inner, V, v_mask, W, w_mask, *, scale, G, **kwargs):
 
     Large inputs are divided by :func:`magnitude_scales` (exact powers of two) with the
     softmax scales and the cosines' clamp adjusted, so the result is unchanged; a result
-    that is not finite is an overflow, refused with a ValueError. Shared by the grid
-    (:func:`torch_similarity`) and the pair list (:mod:`acf_fast.pairs`), so both score
-    huge finite features the same way.
+    that is not finite is an overflow, refused with a ValueError. Shared by the torch
+    grid (:func:`torch_similarity`), its pair list (:mod:`acf_fast.pairs`) and the Triton
+    tiles (``kernels/similarity.py``), so all of them score huge finite features the same way.
     """
     c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
     if c_v != 1.0 or c_w != 1.0:  # large inputs: the same S from unit-scale numbers (see magnitude_scales)

@@ -36,8 +36,7 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
-from .similarity import BACKENDS, _check_magnitudes
-from .validate import check_similarity_inputs
+from .similarity import _check_magnitudes, checked_call
 
 __all__ = ["acf_similarity_pairs", "check_pairs"]
 
@@ -97,17 +96,11 @@ def acf_similarity_pairs(
         (P,) with ``out[p] = S[pairs[p, 0], pairs[p, 1]]`` of the grid: float32 (float64
         for float64 inputs on ``eager`` and ``torch``).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
-        V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2, weights=weights, G=G, global_emb=global_emb
-    )
+    v_mask, w_mask, backend, kwargs = checked_call(V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2,
+                                                   weights=weights, G=G, global_emb=global_emb, backend=backend)
     pairs = check_pairs(pairs, V.shape[0], W.shape[0], V.device)
-    if backend == "auto":
-        backend = "triton" if V.is_cuda else "torch"
-    if backend != "torch" and V.dtype != torch.float64:
+    if backend != "torch" and V.dtype != torch.float64:  # kernel v1's pair list does not rescale
         _check_magnitudes(V, v_mask, W, w_mask, G, backend)
-    kwargs = dict(heads=heads, scale=scale, u1=float(u1), u2=float(u2), weights=weights, G=G, global_emb=global_emb)
     if backend == "eager":
         return _eager_pairs(V, v_mask, W, w_mask, pairs, **kwargs)
     if backend == "torch":

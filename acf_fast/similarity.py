@@ -74,16 +74,10 @@ def acf_similarity(
         S (N, M), float32 (float64 when V is float64, so the eager form can serve
         as a float64 reference for gradients).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
-        V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2, weights=weights, G=G, global_emb=global_emb
-    )
-    if backend == "auto":
-        backend = "triton" if V.is_cuda else "torch"
+    v_mask, w_mask, backend, kwargs = checked_call(V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2,
+                                                   weights=weights, G=G, global_emb=global_emb, backend=backend)
     if backend == "eager" and V.dtype != torch.float64:
         _check_magnitudes(V, v_mask, W, w_mask, G, backend)
-    kwargs = dict(heads=heads, scale=scale, u1=float(u1), u2=float(u2), weights=weights, G=G, global_emb=global_emb)
     if backend == "eager":
         from .eager import eager_similarity
 
@@ -95,6 +89,21 @@ def acf_similarity(
     from .kernels.similarity import triton_similarity
 
     return triton_similarity(V, v_mask, W, w_mask, **kwargs)
+
+
+def checked_call(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G, global_emb, backend):
+    """The checks and defaults every scoring entry point (:func:`acf_similarity`,
+    ``acf_fast.pairs.acf_similarity_pairs``) starts with: (v_mask, w_mask, the backend with
+    "auto" resolved, the backend's keyword arguments), or ValueError naming the argument."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    v_mask, w_mask, weights, scale = check_similarity_inputs(
+        V, v_mask, W, w_mask, heads=heads, scale=scale, u1=u1, u2=u2, weights=weights, G=G, global_emb=global_emb
+    )
+    if backend == "auto":
+        backend = "triton" if V.is_cuda else "torch"
+    kwargs = dict(heads=heads, scale=scale, u1=float(u1), u2=float(u2), weights=weights, G=G, global_emb=global_emb)
+    return v_mask, w_mask, backend, kwargs
 
 
 # Largest c_v c_w (see fused_torch.magnitude_scales) the eager backend takes in float32

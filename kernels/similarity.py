@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from acf_fast.fused_torch import magnitude_scales, torch_similarity
+from acf_fast.fused_torch import torch_similarity, with_magnitude_scaling
 from acf_fast.validate import WEIGHT_NAMES
 
 from .tiles import check_tile_limits, launch_tiles, plan_tiles
@@ -62,22 +62,17 @@ def _fused_similarity(
     """S (N, M) float32 of validated inputs (see :func:`launch_similarity`)."""
     weights = {k: v for k, v in zip(WEIGHT_NAMES, (z_x, z_y, z_o, x_w, x_v, x_g, gate)) if v is not None}
     st = storage_dtype(V.dtype)
-    # Huge finite features would overflow the fp32 norms and Gram forms: divide V, G by
-    # c_v and W by c_w (powers of two, exact), which leaves S unchanged once the softmax
-    # scales are multiplied and the cosines' clamp divided by c_v c_w (see
-    # fused_torch.magnitude_scales; 1, 1 for the unit-scale features of a model).
-    c_v, c_w = magnitude_scales(V, v_mask, W, w_mask, G)
-    if c_v != 1.0 or c_w != 1.0:
-        if max(abs(s_i2t), abs(s_t2i)) * c_v * c_w > torch.finfo(torch.float32).max:
-            raise ValueError(f"the attention logits overflow: V (and G) reach |x| ~ {c_v:.3g} and W |x| ~ {c_w:.3g}, "
-                             "beyond float32 once multiplied by the softmax scale; scale the features down (the "
-                             "model's l2-normalised features are at most 1)")
-        V, W, G = V / c_v, W / c_w, None if G is None else G / c_v
-    plan = plan_tiles(V, v_mask, W, w_mask, heads=heads, weights=weights, G=G, st=st)
-    out = torch.empty(V.shape[0], W.shape[0], dtype=torch.float32, device=V.device)
     f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
-    return launch_tiles(plan, out, scale=(s_i2t * c_v * c_w, s_t2i * c_v * c_w), u1=u1, u2=u2, gi=f32(Gi), gt=f32(Gt),
-                        dot_prec=dot_precision(st, allow_tf32), eps=1e-8 / (c_v * c_w))
+
+    def tiles(V, v_mask, W, w_mask, *, scale, G, eps):
+        plan = plan_tiles(V, v_mask, W, w_mask, heads=heads, weights=weights, G=G, st=st)
+        out = torch.empty(V.shape[0], W.shape[0], dtype=torch.float32, device=V.device)
+        return launch_tiles(plan, out, scale=scale, u1=u1, u2=u2, gi=f32(Gi), gt=f32(Gt),
+                            dot_prec=dot_precision(st, allow_tf32), eps=eps)
+
+    # Huge finite features would overflow the fp32 norms and Gram forms: rescaled exactly
+    # as the torch backend does (powers of two, softmax scales and cosine clamp adjusted).
+    return with_magnitude_scaling(tiles, V, v_mask, W, w_mask, scale=(s_i2t, s_t2i), G=G)
 
 
 @_fused_similarity.register_fake
