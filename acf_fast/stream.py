@@ -5,7 +5,7 @@ S (N images, M texts) is never materialised: it is read as tiles from a BLOCK SC
     score(image_rows: LongTensor (n,), text_cols: LongTensor (m,)) -> (n, m) float tensor
 
 (ids on the CPU; the result on any device, all tiles on one device and of one dtype).
-The same code serves ACF (:func:`acf_block_scorer`, the chunks of
+The same code serves ACF (:class:`ACFBlockScorer`, the chunks of
 :func:`acf_fast.scoring.score_split`) and any user's model. Memory is O((N + M) · k)
 plus one tile and its temporaries.
 
@@ -49,7 +49,9 @@ import numpy as np
 import torch
 
 from .evaluate import PROTOCOLS, _apply_heads, _average, _check_rerank_inputs, _rsum, summarize_ranks
-from .ranking import check_cap, check_k, rank_order, topk_lines
+# SURVIVOR_MAX_FRACTION: the fraction of a tile past which _count_lines' survivors give way to a search per item
+from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
+                      topk_lines)
 from .rerank import ORACLE_LABEL, _reorder, neighbors_of_checked
 from .validate import check_txt2img
 
@@ -144,24 +146,15 @@ class _Tiles:
             raise ValueError(f"{where} returned NaN or Inf scores; clean the scores first")
         pr, pc = self.rows.perms[ri], self.cols.perms[ci]
         if pr is not None:
-            X = X[pr.to(X.device)]
+            X = X[pr]
         if pc is not None:
-            X = X[:, pc.to(X.device)]
+            X = X[:, pc]
         return X
 
 
 def _cmp(X: torch.Tensor) -> torch.Tensor:
     """X in a dtype whose nextafter and sums are exact for its values (16-bit -> float32)."""
     return X if X.dtype in (torch.float32, torch.float64) else X.float()
-
-
-def _before(X: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor, dim: int) -> torch.Tensor:
-    """Items of X before their query along ``dim``: x > v, or x == v with a smaller index
-    (``earlier`` True where the item's index is smaller than the query's), as one compare
-    against nextafter(v, -inf) where earlier (exact for finite floats)."""
-    v = v.to(X.dtype)
-    thr = torch.where(earlier, torch.nextafter(v, v.new_tensor(float("-inf"))), v)
-    return torch.gt(X, thr, out=thr).sum(dim).long()  # a float 0/1 sum: exact below 2^24 per line
 
 
 def _before_targets(X: torch.Tensor, dim: int, v: torch.Tensor, ti: torch.Tensor, ids: torch.Tensor,
@@ -179,13 +172,10 @@ def _before_targets(X: torch.Tensor, dim: int, v: torch.Tensor, ti: torch.Tensor
     mixed = ((ids[0] < ti) & (ti <= ids[-1])).nonzero().squeeze(1)
     if mixed.numel():
         if dim == 1:
-            out[mixed] = _before(X[mixed], v[mixed, None], ids[None, :] < ti[mixed, None], 1)
+            out[mixed] = _count_by_threshold(X[mixed], v[mixed, None], ti[mixed, None], ids[None, :], 1)
         else:
-            out[mixed] = _before(X[:, mixed], v[None, mixed], ids[:, None] < ti[None, mixed], 0)
+            out[mixed] = _count_by_threshold(X[:, mixed], v[None, mixed], ti[None, mixed], ids[:, None], 0)
     return out
-
-
-_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -197,8 +187,6 @@ def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
     return (bits << 32) | (length - 1 - ids)
 
 
-# Fraction of a tile past which the survivors of _count_lines give way to a search per item.
-SURVIVOR_MAX_FRACTION = 0.25
 
 
 def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
@@ -222,7 +210,7 @@ def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql:
         step = max(1, QUERY_BLOCK_ELEMENTS // X.shape[1])
         for s in range(0, Q, step):
             sl = slice(s, s + step)
-            out[sl] = _before(X[ql[sl]], qv[sl][:, None], ids[None, :] < qi[sl][:, None], 1)
+            out[sl] = _count_by_threshold(X[ql[sl]], qv[sl][:, None].to(X.dtype), qi[sl][:, None], ids[None, :], 1)
         return out
     R = X.shape[0] if axis == 1 else X.shape[1]
     qk = _keys(qv, qi, length)
@@ -428,28 +416,31 @@ def stream_ranks(
         cv = torch.full((M, k_t2i), float("-inf"), dtype=dtype, device=dev)
         ci_ = torch.full((M, k_t2i), N, dtype=torch.long, device=dev)
     bar = _progress(nR * nC, "stream: ranks" + (" + top-k" if rerank else ""), progress)
+    buf = None
     for a in range(nR):
         R = rows.ids[a]
+        w_R, best_R = w[R], best[R]
         for b in range(nC):
             C = cols.ids[b]
             X = tiles(a, b)
             Xc = _cmp(X)
+            if buf is None or buf.shape != Xc.shape or buf.dtype != Xc.dtype:
+                buf = torch.empty_like(Xc)  # scratch of _before_targets, reused across tiles of one shape
             # T2I: caption t's target is image g[t] in column t; I2T: image i's is best[i] in row i.
-            buf = torch.empty_like(Xc)
-            cnt_i2t[R] += _before_targets(Xc, 1, w[R], best[R], C, buf)
+            cnt_i2t[R] += _before_targets(Xc, 1, w_R, best_R, C, buf)
             cnt_t2i[C] += _before_targets(Xc, 0, own[C], g[C], R, buf)
-            # the pairs of pass 1 inside this tile must read the same (a deterministic scorer)
-            gt = (rows.tile_of[g[C]] == a).nonzero().squeeze(1)
-            if gt.numel() and not bool((X[rows.local[g[C[gt]]], gt] == own[C[gt]]).all()):
+            # the pairs of pass 1 inside this tile (grouped there by tile) must read the same:
+            # a deterministic scorer
+            ts = order[bounds[a * nC + b] : bounds[a * nC + b + 1]]
+            if ts.numel() and not bool((X[rows.local[g[ts]], cols.local[ts]] == own[ts]).all()):
                 raise _nondeterministic("ground-truth score")
             if rerank:
                 rv[R], ri_[R] = _merge_topk(rv[R], ri_[R], X, 1, C, k_i2t, M)
                 cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], X, 0, R, k_t2i, N)
             bar.update()
     bar.close()
-    rank_i2t, rank_t2i = cnt_i2t, cnt_t2i
     record("ranks", t0, c0, s0)
-    out = StreamRanks(rank_i2t, rank_t2i, info=info)
+    out = StreamRanks(cnt_i2t, cnt_t2i, info=info)
     if not rerank:
         return out
 
@@ -522,8 +513,8 @@ def stream_ranks(
     heads_t2i, hv_t2i = _reorder(ci_, r_t2i, n), _reorder(cv, r_t2i, n)
     img = torch.arange(N, device=dev)
     out.i2t_heads, out.t2i_heads = heads_i2t, heads_t2i
-    out.i2t_reranked = _apply_heads(rank_i2t, heads_i2t, g[heads_i2t] == img[:, None], w, hv_i2t, best, heads_i2t)
-    out.t2i_reranked = _apply_heads(rank_t2i, heads_t2i, heads_t2i == g[:, None], own, hv_t2i, g, heads_t2i)
+    out.i2t_reranked = _apply_heads(out.i2t, heads_i2t, g[heads_i2t] == img[:, None], w, hv_i2t, best, heads_i2t)
+    out.t2i_reranked = _apply_heads(out.t2i, heads_t2i, heads_t2i == g[:, None], own, hv_t2i, g, heads_t2i)
     info["neighbors"] = neighbors
     return out
 
