@@ -62,8 +62,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_stream(N: int, device, tile_rows: int, tile_cols: int, progress: bool, rerank: bool = True):
-    A, B = embeddings(N, device)
+def run_stream(A, B, device, tile_rows: int, tile_cols: int, progress: bool, rerank: bool = True):
+    N = A.shape[0]
     sync(device)
     t0 = time.perf_counter()
     result, runs = stream_evaluate(dot_scorer(A, B), N, 5 * N, text_vectors=B, tile_rows=tile_rows,
@@ -74,8 +74,8 @@ def run_stream(N: int, device, tile_rows: int, tile_cols: int, progress: bool, r
 
 def small(N: int, device, tile_rows: int, tile_cols: int, progress: bool) -> dict:
     M = 5 * N
-    result, run, t_stream = run_stream(N, device, tile_rows, tile_cols, progress)
     A, B = embeddings(N, device)
+    result, run, t_stream = run_stream(A, B, device, tile_rows, tile_cols, progress)
     score = dot_scorer(A, B)
     sync(device)
     t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def small(N: int, device, tile_rows: int, tile_cols: int, progress: bool) -> dic
     want_plain = evaluate_protocol(S, "any", **dict(OPTS, rerank=False))
     t_eval_plain = time.perf_counter() - t0
     del S
-    plain, plain_run, t_plain = run_stream(N, device, tile_rows, tile_cols, progress, rerank=False)
+    plain, plain_run, t_plain = run_stream(A, B, device, tile_rows, tile_cols, progress, rerank=False)
     equal = {
         "metrics": result == want,
         "i2t_heads": bool(torch.equal(hi, run.i2t_heads)),
@@ -133,7 +133,7 @@ def large(N: int, device, tile_rows: int, tile_cols: int) -> dict:
 
 
 def worker(N: int, device, tile_rows: int, tile_cols: int) -> None:
-    result, run, t = run_stream(N, device, tile_rows, tile_cols, progress=False)
+    result, run, t = run_stream(*embeddings(N, device), device, tile_rows, tile_cols, progress=False)
     print(json.dumps({"images": N, "texts": 5 * N, "tiles": [tile_rows, tile_cols], "wall_s": round(t, 3),
                       "plain": result["plain"], "reranked": result["reranked"], "passes": run.info["passes"],
                       "neighbors_s": run.info["neighbors_s"],
