@@ -35,6 +35,7 @@ for float64 inputs).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -58,6 +59,11 @@ _PAIR_TEXTS = 8
 _TEXT_BLOCK = 64
 
 
+def _pair_bytes(K: int, L: int, D: int, H: int, elem: int) -> int:
+    """Bytes one (image, text) pair of a pair chunk holds at its peak."""
+    return elem * (_PAIR_TENSORS * H * K * L + 8 * D + 8 * (K + L))
+
+
 def _chunk_shape(N: int, M: int, K: int, L: int, D: int, H: int, elem: int,
                  device_type: str = "cpu") -> tuple[int, int]:
     """(images, texts) per pair chunk, never over CHUNK_BUDGET_BYTES.
@@ -66,8 +72,7 @@ def _chunk_shape(N: int, M: int, K: int, L: int, D: int, H: int, elem: int,
     serves as the kernels' reference) cache blocking buys nothing and launch counts
     matter, so the chunk fills the memory budget, roughly square in pairs.
     """
-    per_pair = elem * (_PAIR_TENSORS * H * K * L + 8 * D + 8 * (K + L))
-    pairs = max(1, CHUNK_BUDGET_BYTES // per_pair)
+    pairs = max(1, CHUNK_BUDGET_BYTES // _pair_bytes(K, L, D, H, elem))
     if device_type == "cpu":
         pairs = max(1, min(pairs, _CACHE_BYTES // (elem * H * K * L)))
         m = max(1, min(M, _PAIR_TEXTS, pairs))
@@ -338,29 +343,40 @@ def _torch_similarity(V, v_mask, W, w_mask, *, heads, scale, u1, u2, weights, G,
             rows.append(torch.cat([text_block(parts, j0, min(M, j0 + t_block)) for j0 in range(0, M, t_block)], dim=1))
         return torch.cat(rows, dim=0)
 
-    from concurrent.futures import ThreadPoolExecutor
+    with single_threaded_pool(workers) as pool:
+        rows = []
+        for i0 in range(0, N, i_block):
+            i1 = min(N, i0 + i_block)
+            step = -(-(i1 - i0) // workers)
+            parts = list(pool.map(without_grad(lambda a: image_part(a, min(i1, a + step))), range(i0, i1, step)))
+            cols = list(pool.map(without_grad(lambda j0: text_block(parts, j0, min(M, j0 + t_block))),
+                                 range(0, M, t_block)))
+            rows.append(torch.cat(cols, dim=1))
+    return torch.cat(rows, dim=0)
 
-    def no_grad(fn):
-        # Grad mode is thread-local and pool threads start with it ON: without this,
-        # weights that require grad (a model's parameters) would build an autograd
-        # graph per pair chunk in the workers and hold every chunk's tensors alive.
-        def run(*args):
-            with torch.no_grad():
-                return fn(*args)
-        return run
+
+def without_grad(fn):
+    """``fn`` run under torch.no_grad() in whatever thread calls it. Grad mode is
+    thread-local and pool threads start with it ON: without this, weights that require
+    grad (a model's parameters) would build an autograd graph per pair chunk in the
+    workers and hold every chunk's tensors alive."""
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return run
+
+
+@contextmanager
+def single_threaded_pool(workers: int):
+    """A pool of ``workers`` Python threads, torch's intra-op threads set to 1 while it
+    lives (whole blocks per thread, never an OpenMP barrier per small op: see
+    :func:`torch_similarity`'s docstring); shared by the grid and ``pairs._torch_pairs``."""
+    from concurrent.futures import ThreadPoolExecutor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers) as pool:
-            rows = []
-            for i0 in range(0, N, i_block):
-                i1 = min(N, i0 + i_block)
-                step = -(-(i1 - i0) // workers)
-                parts = list(pool.map(no_grad(lambda a: image_part(a, min(i1, a + step))), range(i0, i1, step)))
-                cols = list(pool.map(no_grad(lambda j0: text_block(parts, j0, min(M, j0 + t_block))),
-                                     range(0, M, t_block)))
-                rows.append(torch.cat(cols, dim=1))
-        return torch.cat(rows, dim=0)
+            yield pool
     finally:
         torch.set_num_threads(threads)

@@ -172,10 +172,9 @@ def _valid_prefix(X: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.
 def _texts_per_call(K: int, L: int, D: int, H: int, elem: int, device_type: str) -> int:
     """Texts scored against one image per ``_pair_chunk`` call: the grid's per-chunk memory
     budget, and on a CPU its cache-sized logits (never below the grid's 8 texts)."""
-    from .fused_torch import _CACHE_BYTES, _PAIR_TENSORS, _PAIR_TEXTS, CHUNK_BUDGET_BYTES
+    from .fused_torch import _CACHE_BYTES, _PAIR_TEXTS, CHUNK_BUDGET_BYTES, _pair_bytes
 
-    per_pair = elem * (_PAIR_TENSORS * H * K * L + 8 * D + 8 * (K + L))
-    m = max(1, CHUNK_BUDGET_BYTES // per_pair)
+    m = max(1, CHUNK_BUDGET_BYTES // _pair_bytes(K, L, D, H, elem))
     if device_type == "cpu":
         m = min(m, max(_PAIR_TEXTS, _CACHE_BYTES // (elem * H * K * L)))
     return m
@@ -190,7 +189,7 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
     """
     from torch.utils.checkpoint import checkpoint
 
-    from .fused_torch import _image_block, _item_bytes, _pair_chunk, ITEM_BUDGET_BYTES, run_setup
+    from .fused_torch import _image_block, _pair_chunk, _text_block, run_setup, single_threaded_pool, without_grad
     from .precompute import precompute_items
 
     cdt, elem, emb_i, emb_t, need_grad = run_setup(V, W, G, global_emb, weights)
@@ -202,7 +201,9 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
     H = heads
     pairwise = G is not None
     i_block = _image_block(N, K, D, H, elem, pairwise)
-    t_block = max(1, min(M, ITEM_BUDGET_BYTES // _item_bytes(L, D, H, elem, pairwise)))
+    # the grid's text blocks: on length-sorted texts (the shortlist's) a block is a length
+    # band, which _valid_prefix trims
+    t_block = _text_block(M, L, D, H, elem, pairwise)
     # One key orders pairs by (image block, text block, image, text): every block's pairs
     # are one run, and inside it every image's texts are one run.
     i_all, j_all = pairs[:, 0], pairs[:, 1]
@@ -253,21 +254,10 @@ def _torch_pairs(V, v_mask, W, w_mask, *, pairs, heads, scale, u1, u2, weights, 
         if workers == 1 or len(calls) == 1:
             values += run_calls(calls)
             continue
-        from concurrent.futures import ThreadPoolExecutor
-
-        def no_grad_run(part):
-            with torch.no_grad():  # grad mode is thread-local: pool threads start with it on
-                return run_calls(part)
-
         step = -(-len(calls) // workers)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                for part in pool.map(no_grad_run, [calls[a:a + step] for a in range(0, len(calls), step)]):
-                    values += part
-        finally:
-            torch.set_num_threads(threads)
+        with single_threaded_pool(workers) as pool:
+            for part in pool.map(without_grad(run_calls), [calls[a:a + step] for a in range(0, len(calls), step)]):
+                values += part
     return _scatter_back(order, torch.cat(values))
 
 
