@@ -40,8 +40,8 @@ __all__ = ["shortlist_pairs", "combine_scores", "shortlist_split", "check_shortl
 # cheap score are cosines in [-1, 1], so the shifted scores stay within [-5, 1]: float32
 # resolves them to ~5e-7, ties only where the cheap scores already were that close.
 SHIFT_MARGIN = 1.0
-# Images per acf_similarity_pairs call: the progress bar's step; the texts' precompute is
-# repeated once per call for the texts that call names.
+# Images per acf_similarity_pairs call (the progress bar's step); a call gets only the
+# images and texts it names, so the texts named by several calls are precomputed once per call.
 _IMAGES_PER_CALL = 256
 
 
@@ -183,8 +183,13 @@ def shortlist_split(
                                                        disable=not progress) as bar:
         for a, b in zip(starts[:-1], starts[1:]):
             if b > a:
-                p = torch.stack([pairs[a:b, 0], position[pairs[a:b, 1]]], dim=1)
-                scores[a:b] = model.score_pairs(V, v_mask, G, W, w_mask, p, backend=backend).float()
+                # only the images and texts this call names: the checks, the text vectors and
+                # the precompute then cost what the call scores, not the whole split each time
+                i0, i1 = int(pairs[a, 0]), int(pairs[b - 1, 0]) + 1
+                tu, tl = torch.unique(position[pairs[a:b, 1]], return_inverse=True)  # sorted: W's length order kept
+                p = torch.stack([pairs[a:b, 0] - i0, tl], dim=1)
+                scores[a:b] = model.score_pairs(V[i0:i1], None if v_mask is None else v_mask[i0:i1], G[i0:i1], W[tu],
+                                                w_mask[tu], p, backend=backend).float()
                 bar.update(b - a)
     t3 = time.perf_counter()
 

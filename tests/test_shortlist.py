@@ -99,8 +99,12 @@ def test_shortlist_covering_everything_is_the_full_grid(split_and_checkpoint, tm
     torch.testing.assert_close(short.text_vectors, full.text_vectors)
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_small_shortlist_rescored_entries_are_the_grids_and_rank_first(split_and_checkpoint, k):
+@pytest.mark.parametrize("k,per_call", [(1, 256), (4, 256), (4, 2)])
+def test_small_shortlist_rescored_entries_are_the_grids_and_rank_first(split_and_checkpoint, k, per_call, monkeypatch):
+    """per_call 2: several acf_similarity_pairs calls, each given only the images and texts it names."""
+    from acf_fast import shortlist
+
+    monkeypatch.setattr(shortlist, "_IMAGES_PER_CALL", per_call)
     data, ckpt = split_and_checkpoint
     grid, tv = direct_scores(ckpt, data)
     short = shortlist_split(ckpt, data, "test", k=k, backend="eager", device="cpu", progress=False)
