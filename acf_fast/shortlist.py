@@ -34,7 +34,8 @@ import torch
 
 from .scoring import DEFAULT_PRECISION, ScoredSplit
 
-__all__ = ["shortlist_pairs", "combine_scores", "shortlist_split", "check_shortlist_args", "SHIFT_MARGIN"]
+__all__ = ["shortlist_pairs", "combine_scores", "encode_split", "cheap_scores", "shortlist_split",
+           "check_shortlist_args", "SHIFT_MARGIN"]
 
 # Gap between the lowest re-scored entry and the highest shifted cheap one. ACF and the
 # cheap score are cosines in [-1, 1], so the shifted scores stay within [-5, 1]: float32
@@ -119,6 +120,31 @@ def _pad_texts(chunks, D: int, device):
 
 
 @torch.no_grad()
+def encode_split(opened, *, chunk_images: int = 256, precision: str = DEFAULT_PRECISION):
+    """Stage 1's encoding of an opened split (``scoring.open_split``): (V (N, K, D), v_mask
+    (N, K) or None, G (N, D)) of every image, ``chunk_images`` at a time, and the captions'
+    ``scoring.EncodedTexts`` (length-sorted chunks and the text vectors in caption order)."""
+    from .scoring import _autocast, _eval_mode, encode_texts, image_tensors
+
+    model, data, dev = opened.model, opened.data, opened.device
+    texts = encode_texts(model, opened.words, opened.word_mask, dev, precision=precision)
+    Vs, vms, Gs = [], [], []
+    with _eval_mode(model), _autocast(precision):
+        for a in range(0, data.num_images, chunk_images):
+            regions, rmask, glob = image_tensors(data, slice(a, min(data.num_images, a + chunk_images)), dev)
+            V, G = model.encode_images(regions, rmask, glob)
+            Vs.append(V)
+            Gs.append(G)
+            vms.append(rmask)
+    return torch.cat(Vs), None if vms[0] is None else torch.cat(vms), torch.cat(Gs), texts
+
+
+def cheap_scores(G: torch.Tensor, texts) -> torch.Tensor:
+    """The cheap score C = G · text_vectorsᵀ (N, M) float32, caption order, on G's device."""
+    return G.float() @ texts.vectors.to(G.device).T
+
+
+@torch.no_grad()
 def shortlist_split(
     model,
     folder,
@@ -147,32 +173,21 @@ def shortlist_split(
     """
     from tqdm.auto import tqdm
 
-    from .scoring import _autocast, _eval_mode, encode_texts, image_tensors, open_split
+    from .scoring import _autocast, _eval_mode, open_split
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"--shortlist must be a positive int, got {k!r}")
     opened = open_split(model, folder, split, backend=backend, device=device, precision=precision)
     model, data, dev = opened.model, opened.data, opened.device
-    words, word_mask = opened.words, opened.word_mask
     N, M = data.num_images, data.num_captions
 
     t0 = time.perf_counter()
-    texts = encode_texts(model, words, word_mask, dev, precision=precision)
+    V, v_mask, G, texts = encode_split(opened, chunk_images=chunk_images, precision=precision)
     W, w_mask = _pad_texts(texts.chunks, model.config["embed_dim"], dev)  # length-sorted order
     position = torch.argsort(texts.order).to(dev)  # caption t sits at row position[t] of W
-    Vs, vms, Gs = [], [], []
-    with _eval_mode(model), _autocast(precision):
-        for a in range(0, N, chunk_images):
-            regions, rmask, glob = image_tensors(data, slice(a, min(N, a + chunk_images)), dev)
-            V, G = model.encode_images(regions, rmask, glob)
-            Vs.append(V)
-            Gs.append(G)
-            vms.append(rmask)
-    V, G = torch.cat(Vs), torch.cat(Gs)
-    v_mask = None if vms[0] is None else torch.cat(vms)
     t1 = time.perf_counter()
 
-    C = G.float() @ texts.vectors.to(dev).T  # (N, M), caption order
+    C = cheap_scores(G, texts)
     pairs = shortlist_pairs(C, k)
     t2 = time.perf_counter()
 

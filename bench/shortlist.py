@@ -38,9 +38,9 @@ import torch  # noqa: E402
 from acf_fast.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from acf_fast.evaluate import evaluate_protocol  # noqa: E402
 from acf_fast.machine import resolve_device  # noqa: E402
-from acf_fast.scoring import score_split  # noqa: E402
+from acf_fast.scoring import DEFAULT_PRECISION, open_split, score_split  # noqa: E402
 from acf_fast.model import ACF  # noqa: E402
-from acf_fast.shortlist import shortlist_pairs, shortlist_split  # noqa: E402
+from acf_fast.shortlist import cheap_scores, encode_split, shortlist_pairs, shortlist_split  # noqa: E402
 from bench.device import device_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,25 +55,13 @@ def metrics_row(name: str, S, txt2img, seconds, cpu_s, pairs, grid_pairs, extra=
     return row
 
 
-def cheap_scores(checkpoint, data, split, device):
-    """The shortlist's first stage alone: S = G · text_vectorsᵀ (the same code path, K = 1,
-    then the cheap matrix rebuilt from its parts)."""
-    from acf_fast.data import load_encoded, load_split
-    from acf_fast.scoring import encode_texts, image_tensors
-
-    dev = resolve_device(device)
+def cheap_only(checkpoint, data, split, device):
+    """The shortlist's first stage alone, through its own functions: S = G · text_vectorsᵀ."""
     t0 = time.perf_counter()
-    model = ACF.load(checkpoint, map_location=str(dev)).eval()
-    d = load_split(data, split)
-    words, wmask = load_encoded(data, split)
-    with torch.no_grad():
-        texts = encode_texts(model, words, wmask, dev)
-        Gs = []
-        for a in range(0, d.num_images, 256):
-            r, rm, g = image_tensors(d, slice(a, min(d.num_images, a + 256)), dev)
-            Gs.append(model.encode_images(r, rm, g)[1])
-        C = (torch.cat(Gs).float() @ texts.vectors.to(dev).T).cpu()
-    return C, time.perf_counter() - t0, np.asarray(d.txt2img, dtype=np.int64)
+    opened = open_split(checkpoint, data, split, backend="auto", device=device, precision=DEFAULT_PRECISION)
+    _, _, G, texts = encode_split(opened)
+    C = cheap_scores(G, texts).cpu()
+    return C, time.perf_counter() - t0, np.asarray(opened.data.txt2img, dtype=np.int64)
 
 
 def markdown(rec: dict) -> str:
@@ -136,7 +124,7 @@ def main(argv=None) -> int:
     print(rows[-1])
 
     c0 = time.process_time()
-    C, t_cheap, txt2img = cheap_scores(args.checkpoint, args.data, args.split, args.device)
+    C, t_cheap, txt2img = cheap_only(args.checkpoint, args.data, args.split, args.device)
     rows.append(metrics_row("cheap score only (G · text vectors)", C, txt2img, t_cheap, time.process_time() - c0,
                             0, grid))
     print(rows[-1])
