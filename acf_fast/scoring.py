@@ -204,15 +204,20 @@ class OpenedSplit:
     device: torch.device
 
 
-def open_split(model, folder, split: str, *, backend: str, device, precision: str) -> OpenedSplit:
+def open_split(model, folder, split: str, *, backend: str, device, precision: str,
+               chunk_images: Optional[int] = None) -> OpenedSplit:
     """The checks and loads that :func:`score_split`, ``stream.stream_split`` and
     ``shortlist.shortlist_split`` share: device, precision and backend checked, the model
     loaded (a checkpoint path, ``ACF.save``) or taken (an ACF instance) and moved to the
     device, the split and its encoded captions loaded and checked against each other and
-    against the model's widths. ValueError naming the file or option otherwise."""
+    against the model's widths (and ``chunk_images``, images encoded at a time, when given).
+    ValueError naming the file or option otherwise."""
     from .data import load_encoded, load_split
     from .model import ACF
 
+    if chunk_images is not None and (isinstance(chunk_images, bool) or not isinstance(chunk_images, int)
+                                     or chunk_images < 1):
+        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
     dev = resolve_device(device)
     check_precision(precision, dev)
     if backend not in BACKENDS:
@@ -277,11 +282,10 @@ def score_split(
     """
     import acf_fast
 
-    if not isinstance(chunk_images, int) or chunk_images < 1:
-        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
     if work is None and not isinstance(model, (str, Path)):
         raise ValueError("score_split of a model instance needs work= (the folder of its chunk cache)")
-    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision)
+    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision,
+                        chunk_images=chunk_images)
     model, data, dev = opened.model, opened.data, opened.device
     words, word_mask, M = opened.words, opened.word_mask, opened.data.num_captions
     work = Path(work) if work is not None else default_work(opened.checkpoint, split)

@@ -34,8 +34,7 @@ import torch
 
 from .scoring import DEFAULT_PRECISION, ScoredSplit
 
-__all__ = ["shortlist_pairs", "combine_scores", "encode_split", "cheap_scores", "shortlist_split",
-           "check_shortlist_args", "SHIFT_MARGIN"]
+__all__ = ["shortlist_pairs", "combine_scores", "encode_split", "cheap_scores", "shortlist_split", "SHIFT_MARGIN"]
 
 # Gap between the lowest re-scored entry and the highest shifted cheap one. ACF and the
 # cheap score are cosines in [-1, 1], so the shifted scores stay within [-5, 1]: float32
@@ -88,21 +87,6 @@ def combine_scores(C: torch.Tensor, pairs: torch.Tensor, scores: torch.Tensor) -
         S += shift
     S[pairs[:, 0], pairs[:, 1]] = scores.to(torch.float32)
     return S
-
-
-def check_shortlist_args(args) -> None:
-    """``acf-fast evaluate`` options that do not go with ``--shortlist``: ValueError naming them.
-
-    ``--sims`` is refused by the command itself (there is no model to shortlist with).
-    ``--work`` is the full grid's resumable chunk cache; the shortlist scores in one
-    pass and keeps no chunks, so a ``--work`` would be silently unused.
-    """
-    if getattr(args, "work", None) is not None:
-        raise ValueError("--work goes with the full grid's resumable chunks; --shortlist scores its pairs in one pass "
-                         "and keeps no chunks: drop --work (or --shortlist)")
-    for flag in ("stream",):  # issue 15's streaming evaluation holds no S to mix into
-        if getattr(args, flag, None):
-            raise ValueError(f"--{flag} and --shortlist do not go together: the shortlist builds one (N, M) S")
 
 
 def _pad_texts(chunks, D: int, device):
@@ -177,7 +161,8 @@ def shortlist_split(
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"--shortlist must be a positive int, got {k!r}")
-    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision)
+    opened = open_split(model, folder, split, backend=backend, device=device, precision=precision,
+                        chunk_images=chunk_images)
     model, data, dev = opened.model, opened.data, opened.device
     N, M = data.num_images, data.num_captions
 

@@ -704,9 +704,8 @@ def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any",
 
     if opts.get("rerank") and opts.get("neighbors") == "profile":
         raise ValueError(PROFILE_REFUSAL)
-    if isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1:
-        raise ValueError(f"chunk_images must be a positive int, got {chunk_images!r}")
-    opened = open_split(checkpoint, folder, split, backend=backend, device=device, precision=precision)
+    opened = open_split(checkpoint, folder, split, backend=backend, device=device, precision=precision,
+                        chunk_images=chunk_images)
     model, data, dev = opened.model, opened.data, opened.device
     words, word_mask, M = opened.words, opened.word_mask, opened.data.num_captions
     text_chunk = text_chunk or default_text_chunk(dev)

@@ -158,8 +158,37 @@ def test_cli_shortlist_records_k_and_scores_what_it_says(split_and_checkpoint, t
     assert "shortlist" not in json.loads((tmp_path / "full.json").read_text())
 
 
+def test_cli_shortlist_encodes_images_chunk_images_at_a_time(split_and_checkpoint, tmp_path, monkeypatch):
+    """--chunk-images reached the shortlist's image encoding (it was silently dropped)."""
+    from acf_fast import scoring
+
+    data, ckpt = split_and_checkpoint
+    seen = []
+    real = scoring.image_tensors
+    monkeypatch.setattr(scoring, "image_tensors", lambda d, sl, dev: seen.append(sl.stop - sl.start) or real(d, sl, dev))
+    assert main(["evaluate", "--data", str(data), "--checkpoint", str(ckpt), "--device", "cpu", "--backend", "torch",
+                 "--shortlist", "3", "--chunk-images", "5", "--quiet", "--out", str(tmp_path / "r.json")]) == 0
+    assert seen == [5, 5, N_IMG - 10]
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0])
+def test_every_split_scorer_refuses_a_bad_chunk_images(split_and_checkpoint, tmp_path, bad):
+    from acf_fast.stream import stream_split
+
+    data, ckpt = split_and_checkpoint
+    calls = [lambda: shortlist_split(ckpt, data, "test", k=2, device="cpu", chunk_images=bad, progress=False),
+             lambda: score_split(ckpt, data, "test", work=tmp_path / "w", device="cpu", chunk_images=bad,
+                                 progress=False),
+             lambda: stream_split(ckpt, data, "test", "any", device="cpu", chunk_images=bad, progress=False)]
+    for call in calls:
+        with pytest.raises(ValueError, match="chunk_images must be a positive int"):
+            call()
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--work", "{d}/w"], r"--work goes with the full grid"),
+    (["--stream"], r"--stream and --shortlist do not go together"),
     (["--shortlist", "0"], r"expected a positive integer"),
     (["--shortlist", "two"], r"expected a positive integer"),
 ])

@@ -133,10 +133,12 @@ def run(args) -> int:
             if getattr(args, flag) not in (None, False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError(f"--{flag} runs in one process: under torchrun drop --{flag} (the ranks then share "
                                  f"the scoring and rank 0 holds S), or run it alone")
-        if args.shortlist is not None:
-            from ..shortlist import check_shortlist_args
-
-            check_shortlist_args(args)
+        if args.shortlist is not None and args.work is not None:
+            # --work is the full grid's resumable chunk cache: the shortlist would leave it unused
+            raise ValueError("--work goes with the full grid's resumable chunks; --shortlist scores its pairs in one "
+                             "pass and keeps no chunks: drop --work (or --shortlist)")
+        if args.shortlist is not None and args.stream:
+            raise ValueError("--stream and --shortlist do not go together: the shortlist builds one (N, M) S")
         from ..atomic import atomic_save_npy
         from ..paths import require_file, require_folder
         from ..scoring import score_split
@@ -155,7 +157,8 @@ def run(args) -> int:
                 from ..shortlist import shortlist_split
 
                 scored = shortlist_split(args.checkpoint, args.data, args.split, k=args.shortlist, backend=args.backend,
-                                         device=args.device, precision=args.precision, progress=not args.quiet)
+                                         device=args.device, precision=args.precision, chunk_images=args.chunk_images,
+                                         progress=not args.quiet)
                 record["shortlist"] = args.shortlist
             else:
                 from ..sharded import ranks
