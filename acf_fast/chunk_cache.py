@@ -128,6 +128,18 @@ class ChunkCache:
         atomic_save_npy(self.path(a, b), rows)
         return rows
 
+    def get(self, a: int, b: int, compute: Callable[[int, int], object],
+            on_chunk: Optional[Callable[[int, int], None]] = None):
+        """Rows [a, b): read when saved, else ``compute(a, b)``, saved, then ``on_chunk(a, b)``.
+        Returns (rows (b - a, M) float32 array, whether they were computed)."""
+        rows = self.load(a, b)
+        if rows is not None:
+            return rows, False
+        rows = self.save(a, b, compute(a, b))
+        if on_chunk is not None:
+            on_chunk(a, b)
+        return rows, True
+
     def fill(self, compute: Callable[[int, int], object], *, progress: bool = True, desc: str = "scoring",
              on_chunk: Optional[Callable[[int, int], None]] = None):
         """The whole matrix: saved chunks are read, missing ones computed by
@@ -145,15 +157,8 @@ class ChunkCache:
             with tqdm(total=self.shape[0], unit="row", desc=desc, disable=not progress) as bar:
                 for a, b in self.ranges():
                     info["chunks"] += 1
-                    rows = self.load(a, b)
-                    if rows is None:
-                        rows = self.save(a, b, compute(a, b))
-                        info["computed"] += 1
-                        if on_chunk is not None:
-                            on_chunk(a, b)
-                    else:
-                        info["reused"] += 1
-                    out[a:b] = rows
+                    out[a:b], computed = self.get(a, b, compute, on_chunk)
+                    info["computed" if computed else "reused"] += 1
                     bar.update(b - a)
         finally:
             self.close()

@@ -122,14 +122,9 @@ def fill_sharded(cache, compute: Callable[[int, int], object], group: Ranks, *, 
         with tqdm(total=total, unit="row", desc=f"{desc} (rank 0 of {world})", disable=not (progress and rank == 0)) as bar:
             for i in mine:
                 a, b = ranges[i]
-                rows = cache.load(a, b)
-                if rows is None:
-                    rows = cache.save(a, b, compute(a, b))
-                    computed += 1
-                    if on_chunk is not None:
-                        on_chunk(a, b)
-                else:
-                    reused += 1
+                rows, new = cache.get(a, b, compute, on_chunk)
+                computed += new
+                reused += not new
                 if S is not None:
                     S[a:b] = rows
                 else:
