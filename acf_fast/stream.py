@@ -363,11 +363,7 @@ def stream_ranks(
     N, M = int(N), int(M)
     g = check_txt2img(txt2img, N, M).cpu()
     if rerank:
-        if neighbors == "profile" or (neighbors is None and text_vectors is None):
-            raise ValueError(PROFILE_REFUSAL if neighbors == "profile" else
-                             "re-ranking a stream needs text neighbours: pass text_vectors (M, E) "
-                             "(neighbors='embedding') or neighbors='siblings' (oracle); 'profile' needs S")
-        neighbors, text_vectors = _check_rerank_inputs(True, neighbors, text_vectors, M)
+        neighbors, text_vectors = _check_stream_rerank(True, neighbors, text_vectors, M)
         k_i2t = check_k(k_i2t, M, "k_i2t", "list of captions per image")
         k_t2i = check_k(k_t2i, N, "k_t2i", "list of images per caption")
         check_k(kprime, M if neighbors != "siblings" else 10**18, "kprime", "number of captions")
@@ -579,12 +575,7 @@ def stream_evaluate(
         raise ValueError(f"protocol {protocol!r} expects a grid of shape {tuple(spec['shape'])} (images, captions), "
                          f"got {(N, M)}; use --protocol any for other sizes")
     g = check_txt2img(txt2img, N, M).cpu()
-    if rerank and neighbors is None and text_vectors is None:
-        raise ValueError("re-ranking a stream needs text neighbours: pass text_vectors (M, E) "
-                         "(neighbors='embedding') or neighbors='siblings' (oracle); 'profile' needs S")
-    if rerank and neighbors == "profile":
-        raise ValueError(PROFILE_REFUSAL)
-    neighbors, text_vectors = _check_rerank_inputs(rerank, neighbors, text_vectors, M)
+    neighbors, text_vectors = _check_stream_rerank(rerank, neighbors, text_vectors, M)
     opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend,
                 tile_rows=tile_rows, tile_cols=tile_cols, progress=progress)
     folds = spec["folds"]
@@ -593,6 +584,8 @@ def stream_evaluate(
     if folds == 1:
         runs.append(stream_ranks(score, N, M, g, text_vectors=text_vectors, row_tiles=row_tiles, col_tiles=col_tiles,
                                  **opts))
+        plain = _metrics(runs[0].i2t, runs[0].t2i)
+        reranked = _metrics(runs[0].i2t_reranked, runs[0].t2i_reranked) if rerank else None
     else:
         if N % folds:
             raise ValueError(f"the grid has {N} images, not divisible into {folds} equal folds")
@@ -609,10 +602,6 @@ def stream_evaluate(
             fold_results.append({"images": (a, b), "plain": _metrics(run.i2t, run.t2i),
                                  "reranked": _metrics(run.i2t_reranked, run.t2i_reranked) if rerank else None})
         result["fold_results"] = fold_results
-    if folds == 1:
-        plain = _metrics(runs[0].i2t, runs[0].t2i)
-        reranked = _metrics(runs[0].i2t_reranked, runs[0].t2i_reranked) if rerank else None
-    else:
         plain = _average([f["plain"] for f in fold_results])
         reranked = _average([f["reranked"] for f in fold_results]) if rerank else None
     result["plain"] = plain
@@ -624,6 +613,18 @@ def stream_evaluate(
         if neighbors == "siblings":
             result["rerank"]["label"] = ORACLE_LABEL
     return (result, runs) if details else result
+
+
+def _check_stream_rerank(rerank: bool, neighbors, text_vectors, M: int):
+    """``evaluate._check_rerank_inputs`` plus what a stream cannot do: ``profile``
+    neighbours (columns of S) and re-ranking without text neighbours (the default,
+    ``profile``, would need S). Returns (neighbors, text_vectors)."""
+    if rerank and neighbors == "profile":
+        raise ValueError(PROFILE_REFUSAL)
+    if rerank and neighbors is None and text_vectors is None:
+        raise ValueError("re-ranking a stream needs text neighbours: pass text_vectors (M, E) "
+                         "(neighbors='embedding') or neighbors='siblings' (oracle); 'profile' needs S")
+    return _check_rerank_inputs(rerank, neighbors, text_vectors, M)
 
 
 def dot_scorer(A: torch.Tensor, B: torch.Tensor) -> Scorer:
