@@ -137,3 +137,26 @@ def test_killed_rank_resumes_to_the_same_results(setup, single, tmp_path):
     want, want_S = single
     assert {k: v for k, v in rec.items() if k != "scoring"} == {k: v for k, v in want.items() if k != "scoring"}
     assert (tmp / "killed_S.npy").read_bytes() == want_S
+
+
+def test_train_eval_test_under_torchrun_shares_the_scoring_and_rank_0_writes(tmp_path):
+    """``train --eval-test`` under torchrun: after DDP training the ranks score the split
+    together (``scoring.ranks`` = 2, rank 0 holds S), rank 0 alone prints and writes, and
+    the metrics are those of a single-process ``evaluate`` of the same checkpoint. (Each
+    rank used to score the whole split by itself on the same device, and print it.)"""
+    from test_train_trainer import make_tiny_data
+
+    data, bert = make_tiny_data(tmp_path / "data", train_images=8, dev_images=4)
+    run = tmp_path / "run"
+    proc = torchrun(["train", "--data", str(data), "--encoder", bert, "--out", str(run), "--epochs", "1",
+                     "--batch-size", "4", "--embed-dim", "16", "--heads", "2", "--backend", "torch", "--device", "cpu",
+                     "--quiet", "--eval-test", "dev"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "dev_metrics.json").read_text())
+    assert metrics["scoring"]["ranks"] == WORLD
+    assert proc.stdout.count("dev (4 images x 20 captions)") == 1 and proc.stdout.count("run folder:") == 1
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--data", str(data), "--split", "dev", "--checkpoint", str(run / "best.safetensors"),
+                 "--backend", "torch", "--device", "cpu", "--work", str(tmp_path / "w"), "--out", str(out),
+                 "--quiet"]) == 0
+    assert {k: metrics[k] for k in ("i2t", "t2i", "rsum")} == json.loads(out.read_text())["plain"]

@@ -143,25 +143,36 @@ def run(args) -> int:
         check_eval_split(stored.data if stored is not None else args.data, args.eval_test)
     epochs = args.epochs if args.epochs is not None else (None if args.resume else 20)
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "", "epochs": epochs}))
-    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
-    if args.eval_test:
-        import json
-        from pathlib import Path
+    if not args.eval_test:
+        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
+        return 0
+    import json
+    from pathlib import Path
 
-        from ..atomic import atomic_write_json
-        from ..evaluate import recall_metrics
-        from ..scoring import score_split
+    from ..atomic import atomic_write_json
+    from ..evaluate import recall_metrics
+    from ..scoring import score_split
+    from ..sharded import ranks
 
+    # Under torchrun the ranks train and then score the split in ONE process group (the
+    # trainer uses the group it finds): each rank scores its share of the chunks and rank 0
+    # gets S. Joining a second group after the trainer had left its own could hang.
+    with ranks(args.device) as group:
+        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if group.is_main:
+            print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
         stored = json.loads((Path(run_dir) / "config.json").read_text())
         scored = score_split(Path(run_dir) / "best.safetensors", stored["data"], args.eval_test, backend=args.backend,
-                             device=args.device, precision=args.precision, progress=not args.quiet)
-        m = recall_metrics(scored.S, scored.txt2img)
-        m.update(images=int(scored.S.shape[0]), captions=int(scored.S.shape[1]), scoring=scored.info)
-        atomic_write_json(Path(run_dir) / f"{args.eval_test}_metrics.json", m, indent=1)
-        print(f"{args.eval_test} ({m['images']} images x {m['captions']} captions): "
-              f"I2T R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
-              f"T2I R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f} | rsum {m['rsum']:.1f}")
+                             device=group.device, precision=args.precision, progress=not args.quiet, group=group)
+    if scored.S is None:
+        return 0  # another rank than 0: rank 0 ranks and writes
+    m = recall_metrics(scored.S, scored.txt2img)
+    m.update(images=int(scored.S.shape[0]), captions=int(scored.S.shape[1]), scoring=scored.info)
+    atomic_write_json(Path(run_dir) / f"{args.eval_test}_metrics.json", m, indent=1)
+    print(f"{args.eval_test} ({m['images']} images x {m['captions']} captions): "
+          f"I2T R@1 {m['i2t']['r1']:.1f} R@5 {m['i2t']['r5']:.1f} R@10 {m['i2t']['r10']:.1f} | "
+          f"T2I R@1 {m['t2i']['r1']:.1f} R@5 {m['t2i']['r5']:.1f} R@10 {m['t2i']['r10']:.1f} | rsum {m['rsum']:.1f}")
     return 0
 
 
