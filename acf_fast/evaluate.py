@@ -229,28 +229,63 @@ def evaluate_protocol(
         the averaged R@K. Re-ranked results from "siblings" carry
         ``"label": "oracle (uses ground-truth captions)"``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
     S = check_scores(S)
     N, M = S.shape
-    spec = PROTOCOLS[protocol]
-    if spec["shape"] is not None and (N, M) != tuple(spec["shape"]):
-        raise ValueError(
-            f"protocol {protocol!r} expects S of shape {tuple(spec['shape'])} (images, captions), got {(N, M)}; "
-            "use --protocol any for other sizes"
-        )
+    spec = protocol_spec(protocol, N, M)
     g = check_txt2img(txt2img, N, M)
     neighbors, text_vectors = _check_rerank_inputs(rerank, neighbors, text_vectors, M)
     opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend)
-    folds = spec["folds"]
-    result = {"protocol": protocol, "images": N, "texts": M, "folds": folds}
+    return protocol_result(protocol, N, M, _kfold(S, spec["folds"], g, text_vectors, opts), **opts)
+
+
+def _kfold(S, folds: int, g, text_vectors, opts: dict) -> list:
+    """[{"images": (a, b), "plain", "reranked"}] of each fold of a checked S (N, M)."""
+    parts = []
+    for a, b, caps in protocol_folds(S.shape[0], g, folds):
+        if caps is None:
+            plain, reranked = _evaluate_one(S, g, text_vectors=text_vectors, **opts)
+        else:
+            tv = None if text_vectors is None else text_vectors[caps.to(text_vectors.device)]
+            plain, reranked = _evaluate_one(S[a:b][:, caps.to(S.device)], g[caps] - a, text_vectors=tv, **opts)
+        parts.append({"images": (a, b), "plain": plain, "reranked": reranked})
+    return parts
+
+
+def protocol_spec(protocol: str, N: int, M: int, what: str = "S") -> dict:
+    """``PROTOCOLS[protocol]``, after checking the name and that ``what`` (N images, M
+    captions) has the protocol's shape (ValueError otherwise)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
+    spec = PROTOCOLS[protocol]
+    if spec["shape"] is not None and (N, M) != tuple(spec["shape"]):
+        raise ValueError(f"protocol {protocol!r} expects {what} of shape {tuple(spec['shape'])} (images, captions), "
+                         f"got {(N, M)}; use --protocol any for other sizes")
+    return spec
+
+
+def protocol_folds(N: int, g: torch.Tensor, folds: int) -> list:
+    """The folds of a protocol as [(a, b, caps)]: images [a, b) and caps (M_f,) long, the
+    captions of those images (by txt2img ``g``); one fold is every image and caption, caps None."""
     if folds == 1:
-        plain, reranked = _evaluate_one(S, g, text_vectors=text_vectors, **opts)
+        return [(0, N, None)]
+    if N % folds:
+        raise ValueError(f"{N} images do not divide into {folds} equal folds")
+    size = N // folds
+    return [(a, a + size, ((g >= a) & (g < a + size)).nonzero().squeeze(1)) for a in range(0, N, size)]
+
+
+def protocol_result(protocol: str, N: int, M: int, parts: list, *, rerank: bool, k_i2t: int, k_t2i: int, kprime: int,
+                    n: Optional[int], neighbors: str, **_) -> dict:
+    """The result dict of :func:`evaluate_protocol` from the per-fold ``parts``
+    [{"images": (a, b), "plain", "reranked"}] (one part: no fold_results; several: every
+    metric the mean over the folds)."""
+    result = {"protocol": protocol, "images": N, "texts": M, "folds": len(parts)}
+    if len(parts) == 1:
+        plain, reranked = parts[0]["plain"], parts[0]["reranked"]
     else:
-        fold_results = _kfold(S, folds, g, text_vectors, opts)
-        result["fold_results"] = fold_results
-        plain = _average([f["plain"] for f in fold_results])
-        reranked = _average([f["reranked"] for f in fold_results]) if rerank else None
+        result["fold_results"] = parts
+        plain = _average([f["plain"] for f in parts])
+        reranked = _average([f["reranked"] for f in parts]) if rerank else None
     result["plain"] = plain
     result["reranked"] = reranked
     result["rerank"] = None
@@ -297,22 +332,6 @@ def kfold_metrics(S, folds: int, txt2img=None, *, rerank: bool = False, k_i2t: i
     neighbors, text_vectors = _check_rerank_inputs(rerank, neighbors, text_vectors, M)
     opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend)
     return _kfold(S, folds, g, text_vectors, opts)
-
-
-def _kfold(S, folds: int, g, text_vectors, opts: dict) -> list:
-    N = S.shape[0]
-    if N % folds:
-        raise ValueError(f"S has {N} images, not divisible into {folds} equal folds")
-    size = N // folds
-    out = []
-    for f in range(folds):
-        a, b = f * size, (f + 1) * size
-        caps = ((g >= a) & (g < b)).nonzero().squeeze(1)
-        Sf = S[a:b][:, caps.to(S.device)]
-        tv = None if text_vectors is None else text_vectors[caps.to(text_vectors.device)]
-        plain, reranked = _evaluate_one(Sf, g[caps] - a, text_vectors=tv, **opts)
-        out.append({"images": (a, b), "plain": plain, "reranked": reranked})
-    return out
 
 
 _ROWS = [("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("medr", "medr"), ("meanr", "meanr")]

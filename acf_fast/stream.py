@@ -48,11 +48,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .evaluate import PROTOCOLS, _apply_heads, _average, _check_rerank_inputs, _rsum, summarize_ranks
+from .evaluate import (_apply_heads, _check_rerank_inputs, _rsum, protocol_folds, protocol_result, protocol_spec,
+                       summarize_ranks)
 # SURVIVOR_MAX_FRACTION: the fraction of a tile past which _count_lines' survivors give way to a search per item
 from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
                       topk_lines)
-from .rerank import ORACLE_LABEL, _reorder, neighbors_of_checked
+from .rerank import _reorder, neighbors_of_checked
 from .validate import check_txt2img
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -568,50 +569,25 @@ def stream_evaluate(
     tiles. ``details=True`` returns (result, [StreamRanks per fold]) (one fold except
     coco1k), with the re-ranked heads.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {protocol!r}")
-    spec = PROTOCOLS[protocol]
-    if spec["shape"] is not None and (N, M) != tuple(spec["shape"]):
-        raise ValueError(f"protocol {protocol!r} expects a grid of shape {tuple(spec['shape'])} (images, captions), "
-                         f"got {(N, M)}; use --protocol any for other sizes")
+    spec = protocol_spec(protocol, N, M, what="a grid")
     g = check_txt2img(txt2img, N, M).cpu()
     neighbors, text_vectors = _check_stream_rerank(rerank, neighbors, text_vectors, M)
     opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend,
                 tile_rows=tile_rows, tile_cols=tile_cols, progress=progress)
-    folds = spec["folds"]
-    result = {"protocol": protocol, "images": N, "texts": M, "folds": folds}
-    runs = []
-    if folds == 1:
-        runs.append(stream_ranks(score, N, M, g, text_vectors=text_vectors, row_tiles=row_tiles, col_tiles=col_tiles,
-                                 **opts))
-        plain = _metrics(runs[0].i2t, runs[0].t2i)
-        reranked = _metrics(runs[0].i2t_reranked, runs[0].t2i_reranked) if rerank else None
-    else:
-        if N % folds:
-            raise ValueError(f"the grid has {N} images, not divisible into {folds} equal folds")
-        size = N // folds
-        fold_results = []
-        for f in range(folds):
-            a, b = f * size, (f + 1) * size
-            caps = ((g >= a) & (g < b)).nonzero().squeeze(1)
+    runs, parts = [], []
+    for a, b, caps in protocol_folds(N, g, spec["folds"]):
+        if caps is None:
+            run = stream_ranks(score, N, M, g, text_vectors=text_vectors, row_tiles=row_tiles, col_tiles=col_tiles,
+                               **opts)
+        else:
             tv = None if text_vectors is None else text_vectors[caps.to(text_vectors.device)]
-            run = stream_ranks(_fold_scorer(score, a, caps), size, caps.numel(), g[caps] - a, text_vectors=tv,
+            run = stream_ranks(_fold_scorer(score, a, caps), b - a, caps.numel(), g[caps] - a, text_vectors=tv,
                                row_tiles=_fold_tiles(row_tiles, torch.arange(a, b), N),
                                col_tiles=_fold_tiles(col_tiles, caps, M), **opts)
-            runs.append(run)
-            fold_results.append({"images": (a, b), "plain": _metrics(run.i2t, run.t2i),
-                                 "reranked": _metrics(run.i2t_reranked, run.t2i_reranked) if rerank else None})
-        result["fold_results"] = fold_results
-        plain = _average([f["plain"] for f in fold_results])
-        reranked = _average([f["reranked"] for f in fold_results]) if rerank else None
-    result["plain"] = plain
-    result["reranked"] = reranked
-    result["rerank"] = None
-    if rerank:
-        result["rerank"] = {"k_i2t": k_i2t, "k_t2i": k_t2i, "kprime": kprime, "n": n, "neighbors": neighbors,
-                            "oracle": neighbors == "siblings"}
-        if neighbors == "siblings":
-            result["rerank"]["label"] = ORACLE_LABEL
+        runs.append(run)
+        parts.append({"images": (a, b), "plain": _metrics(run.i2t, run.t2i),
+                      "reranked": _metrics(run.i2t_reranked, run.t2i_reranked) if rerank else None})
+    result = protocol_result(protocol, N, M, parts, **opts)
     return (result, runs) if details else result
 
 
