@@ -84,7 +84,7 @@ def ranks(device="auto"):
     and leave it at the end; yields :class:`Ranks`. Under torchrun a group the caller
     already joined is used and left alone. Without WORLD_SIZE > 1, the single process
     (even inside a group joined otherwise, where one rank may evaluate alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if distributed.env_world_size() <= 1:
         yield Ranks(device=device)
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -9,13 +9,13 @@ and run the same command again, it picks up where it stopped.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..evaluate import PROTOCOLS, evaluate_protocol, format_table
 from ..rerank import NEIGHBOR_MODES
+from ..train.distributed import env_world_size
 from . import add_precision_arg
 
 
@@ -130,7 +130,7 @@ def run(args) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} cannot go with --stream: a streaming evaluation never "
                                  "holds S (nor saves its chunks)")
         for flag in ("stream", "shortlist"):
-            if getattr(args, flag) not in (None, False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if getattr(args, flag) not in (None, False) and env_world_size() > 1:
                 raise ValueError(f"--{flag} runs in one process: under torchrun drop --{flag} (the ranks then share "
                                  f"the scoring and rank 0 holds S), or run it alone")
         if args.shortlist is not None and args.work is not None:

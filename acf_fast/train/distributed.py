@@ -33,6 +33,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE as ``torchrun`` sets it (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo:
     """Join the process group described by the environment (or an existing one).
 
@@ -40,7 +45,7 @@ def setup(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo
     (torch's default when None: 10 minutes for NCCL, 30 for gloo)."""
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if world <= 1:
         return DistInfo()
     if not dist.is_available():
