@@ -40,36 +40,27 @@ KEY_CHARS = 16
 _KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_CHARS}}}$")
 
 
-class ChunkCache:
-    """Row chunks of an (N, M) float32 matrix saved under ``work/<key>``.
+class KeyFolder:
+    """``work/<key>``: the folder of one fingerprint (a JSON-able dict of everything the
+    saved results depend on; ``key`` = the first 16 hex digits of its sha256), held
+    under a shared lock from construction to :meth:`close`, with ``manifest.json`` (the
+    fingerprint, for people). Construction deletes the other key folders of ``work``
+    that nobody holds (results of an earlier model, data or setting)."""
 
-    Args:
-        work: folder for the key folders (created).
-        fingerprint: JSON-able dict of everything the values depend on.
-        shape: (N, M) of the whole matrix.
-        chunk_rows: rows per saved chunk (part of the fingerprint).
-    """
-
-    def __init__(self, work, fingerprint: dict, shape: Tuple[int, int], chunk_rows: int = 256):
-        if not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    def __init__(self, work, fingerprint: dict):
         self.work = Path(work)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.chunk_rows = chunk_rows
-        self.fingerprint = dict(fingerprint, chunk_rows=chunk_rows, format=FORMAT, shape=list(self.shape))
+        self.fingerprint = fingerprint
         digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()
         self.key = digest[:KEY_CHARS]
         self.root = self.work / self.key
-        self.folder = self.root / "chunks"
         self._lock_fd = _hold(self.root, fcntl.LOCK_SH)
-        self.folder.mkdir(exist_ok=True)
         if _read_manifest(self.root / MANIFEST) is None:
             atomic_write_json(self.root / MANIFEST, {"fingerprint_hash": digest, "fingerprint": self.fingerprint})
         self._prune_others()
 
     def close(self) -> None:
-        """Release the lock on the key folder (:meth:`fill` does when it ends)."""
-        if self._lock_fd is not None:
+        """Release the lock on the key folder."""
+        if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)  # closing the descriptor drops its flock
             self._lock_fd = None
 
@@ -97,6 +88,26 @@ class ChunkCache:
                 pass  # held by an evaluation running now
             finally:
                 os.close(fd)
+
+
+class ChunkCache(KeyFolder):
+    """Row chunks of an (N, M) float32 matrix saved under ``work/<key>``.
+
+    Args:
+        work: folder for the key folders (created).
+        fingerprint: JSON-able dict of everything the values depend on.
+        shape: (N, M) of the whole matrix.
+        chunk_rows: rows per saved chunk (part of the fingerprint).
+    """
+
+    def __init__(self, work, fingerprint: dict, shape: Tuple[int, int], chunk_rows: int = 256):
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.chunk_rows = chunk_rows
+        super().__init__(work, dict(fingerprint, chunk_rows=chunk_rows, format=FORMAT, shape=list(self.shape)))
+        self.folder = self.root / "chunks"
+        self.folder.mkdir(exist_ok=True)
 
     def ranges(self) -> Iterator[Tuple[int, int]]:
         N = self.shape[0]
