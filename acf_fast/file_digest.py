@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Dict, Tuple
 
+import torch
+
 BLOCK = 8 * 2**20
 RACY_SECONDS = 2.0
 
@@ -48,3 +50,16 @@ def file_sha256(path) -> str:
     if _stat_key(path) == key and key[-1] < started - int(RACY_SECONDS * 1e9):
         _memo[key] = digest
     return digest
+
+
+
+def tensors_sha256(*tensors) -> str:
+    """Hex SHA-256 of tensors (None allowed) by dtype, shape and content."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -165,6 +165,15 @@ def data_fingerprint(folder, split: str) -> list:
     return out
 
 
+def split_fingerprint(model, folder, split: str, settings: dict) -> dict:
+    """What a split's scores depend on: ``settings`` (backend, precision, ...), the model's
+    weights, the split's files and this package's version (the key of saved results)."""
+    import acf_fast
+
+    return dict(settings, model=model_fingerprint(model), data=data_fingerprint(folder, split), split=split,
+                version=acf_fast.__version__)
+
+
 def default_work(checkpoint, split: str) -> Path:
     """The chunk folder of a checkpoint when no ``work`` is given:
     ``<checkpoint folder>/eval_<checkpoint name>_<split>`` (best and last of a run apart)."""
@@ -280,8 +289,6 @@ def score_split(
             the chunks, and rank 0 alone gets S; the other ranks get ``S = None``.
             None or one rank: this process scores everything.
     """
-    import acf_fast
-
     if work is None and not isinstance(model, (str, Path)):
         raise ValueError("score_split of a model instance needs work= (the folder of its chunk cache)")
     opened = open_split(model, folder, split, backend=backend, device=device, precision=precision,
@@ -291,9 +298,8 @@ def score_split(
     work = Path(work) if work is not None else default_work(opened.checkpoint, split)
     text_chunk = text_chunk or default_text_chunk(dev)
     settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
-    fingerprint = dict(settings, model=model_fingerprint(model), data=data_fingerprint(folder, split), split=split,
-                       version=acf_fast.__version__)
-    cache = ChunkCache(work, fingerprint, (data.num_images, M), chunk_rows=chunk_images)
+    cache = ChunkCache(work, split_fingerprint(model, folder, split, settings), (data.num_images, M),
+                       chunk_rows=chunk_images)
     texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
 
     def rows(a: int, b: int) -> torch.Tensor:

@@ -54,6 +54,8 @@ from .evaluate import (_apply_heads, _check_rerank_inputs, _rsum, protocol_folds
 from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
                       topk_lines)
 from .rerank import _reorder, neighbors_of_checked
+from .file_digest import tensors_sha256
+from .stream_state import EVERY_S, STAGES, StreamState
 from .validate import check_txt2img
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -342,6 +344,7 @@ def stream_ranks(
     row_tiles: Optional[Sequence] = None,
     col_tiles: Optional[Sequence] = None,
     progress: bool = False,
+    state=None,
 ) -> StreamRanks:
     """Ranks of the (N, M) grid that ``score`` defines, plain and ACF-R+ re-ranked, read
     tile by tile (see the module doc).
@@ -357,6 +360,8 @@ def stream_ranks(
         tile_rows, tile_cols: contiguous tile sizes; or row_tiles / col_tiles: explicit
             lists of id tensors that partition [0, N) / [0, M) (e.g. a model's chunks).
         progress: tqdm bars per pass.
+        state: a :class:`acf_fast.stream_state.FoldState`: resume from its saved pass
+            and row tile, and save there as the passes go (None: nothing saved).
     """
     for name, v in (("N", N), ("M", M)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -374,6 +379,24 @@ def stream_ranks(
     tiles = _Tiles(score, rows, cols)
     nR, nC = len(rows), len(cols)
     info = {"tiles": [nR, nC], "passes": {}}
+    saved = state.load() if state is not None else None
+    stage, start, kept = ("ground_truth", 0, {}) if saved is None else saved
+    if saved is not None:
+        info["resumed"] = {"stage": stage, "row_tile": start}
+    done = _stages_done(stage)
+    on_disk = [(_stage_index(stage), start)]
+
+    def begin(name):  # first row tile of pass ``name``: 0, ``start`` in the saved pass, nR past it
+        return nR if name in done else (start if name == stage else 0)
+
+    def save(name, nxt, force=False, **tensors):
+        # Only forward: a resumed run passing the saves of the passes it skips must not put
+        # an earlier position over the saved one (its counts would then be added twice).
+        if state is None or (_stage_index(name), nxt) <= on_disk[0]:
+            return
+        kept.update({k: v for k, v in tensors.items() if v is not None})
+        if state.save(name, nxt, kept, force=force):
+            on_disk[0] = (_stage_index(name), nxt)
 
     def record(name, t0, calls0, secs0):
         info["passes"][name] = {"tiles": tiles.calls - calls0, "score_s": round(tiles.seconds - secs0, 3),
@@ -384,19 +407,28 @@ def stream_ranks(
     t_all = torch.arange(M)
     order, bounds = _groups(rows.tile_of[g] * nC + cols.tile_of[t_all], nR * nC)
     own = None
-    bar = _progress(sum(1 for a, b in zip(bounds, bounds[1:]) if b > a), "stream: ground truth", progress)
-    for key in range(nR * nC):
-        if bounds[key] == bounds[key + 1]:
-            continue
+    keys = [key for key in range(nR * nC) if bounds[key] < bounds[key + 1]]
+    if saved is not None:  # one tile: the scorer's device and dtype, and a check of the saved scores
+        keys = keys[:1]
+    bar = _progress(len(keys), "stream: ground truth", progress)
+    for key in keys:
         X = tiles(key // nC, key % nC)
         if own is None:
-            own = torch.empty(M, dtype=X.dtype, device=X.device)
+            own = torch.empty(M, dtype=X.dtype, device=X.device) if saved is None else kept["own"].to(X.device)
             g, t_all, order = g.to(X.device), t_all.to(X.device), order.to(X.device)
         ts = order[bounds[key] : bounds[key + 1]]
-        own[ts] = X[rows.local[g[ts]], cols.local[ts]]
+        if saved is None:
+            own[ts] = X[rows.local[g[ts]], cols.local[ts]]
+        elif own.dtype != X.dtype or not bool((X[rows.local[g[ts]], cols.local[ts]] == own[ts]).all()):
+            raise _nondeterministic("ground-truth score (saved by the run this one resumes)")
         bar.update()
     bar.close()
     dev, dtype = tiles.device, tiles.dtype
+    save("ranks", 0, force=True, own=own)
+
+    def restore(name, make):  # a saved tensor on the scorer's device, else make() a fresh one
+        return kept[name].to(dev) if name in kept else make()
+
     top = torch.full((N,), float("-inf"), dtype=dtype, device=dev).scatter_reduce(0, g, own, "amax")
     best = torch.full((N,), M, dtype=torch.long, device=dev).scatter_reduce(
         0, g, torch.where(own == top[g], t_all, M), "amin")
@@ -405,16 +437,19 @@ def stream_ranks(
 
     # ---- pass 2: ranks (counts) and, for re-ranking, the top-k lists
     t0, c0, s0 = time.perf_counter(), tiles.calls, tiles.seconds
-    cnt_i2t = torch.zeros(N, dtype=torch.long, device=dev)
-    cnt_t2i = torch.zeros(M, dtype=torch.long, device=dev)
+    cnt_i2t = restore("cnt_i2t", lambda: torch.zeros(N, dtype=torch.long, device=dev))
+    cnt_t2i = restore("cnt_t2i", lambda: torch.zeros(M, dtype=torch.long, device=dev))
+    rv = ri_ = cv = ci_ = None
     if rerank:
-        rv = torch.full((N, k_i2t), float("-inf"), dtype=dtype, device=dev)
-        ri_ = torch.full((N, k_i2t), M, dtype=torch.long, device=dev)
-        cv = torch.full((M, k_t2i), float("-inf"), dtype=dtype, device=dev)
-        ci_ = torch.full((M, k_t2i), N, dtype=torch.long, device=dev)
+        rv = restore("rv", lambda: torch.full((N, k_i2t), float("-inf"), dtype=dtype, device=dev))
+        ri_ = restore("ri", lambda: torch.full((N, k_i2t), M, dtype=torch.long, device=dev))
+        cv = restore("cv", lambda: torch.full((M, k_t2i), float("-inf"), dtype=dtype, device=dev))
+        ci_ = restore("ci", lambda: torch.full((M, k_t2i), N, dtype=torch.long, device=dev))
+    first = begin("ranks")
     bar = _progress(nR * nC, "stream: ranks" + (" + top-k" if rerank else ""), progress)
+    bar.update(first * nC)
     buf = None
-    for a in range(nR):
+    for a in range(first, nR):
         R = rows.ids[a]
         w_R, best_R = w[R], best[R]
         for b in range(nC):
@@ -435,11 +470,14 @@ def stream_ranks(
                 rv[R], ri_[R] = _merge_topk(rv[R], ri_[R], X, 1, C, k_i2t, M)
                 cv[C], ci_[C] = _merge_topk(cv[C], ci_[C], X, 0, R, k_t2i, N)
             bar.update()
+        save("ranks", a + 1, cnt_i2t=cnt_i2t, cnt_t2i=cnt_t2i, rv=rv, ri=ri_, cv=cv, ci=ci_)
     bar.close()
     record("ranks", t0, c0, s0)
     out = StreamRanks(cnt_i2t, cnt_t2i, info=info)
     if not rerank:
+        save("done", 0, force=True, cnt_i2t=cnt_i2t, cnt_t2i=cnt_t2i)
         return out
+    save("reverse_i2t", 0, force=True, cnt_i2t=cnt_i2t, cnt_t2i=cnt_t2i, rv=rv, ri=ri_, cv=cv, ci=ci_)
 
     # ---- neighbours Nb(t) (M, k'), t first: from text vectors or txt2img, never from S
     t0 = time.perf_counter()
@@ -452,14 +490,16 @@ def stream_ranks(
     qi = torch.arange(N, device=dev).repeat_interleave(k_i2t)  # image i ...
     qt, qv = ri_.reshape(-1), rv.reshape(-1)  # ... and each text t of its top-k, with S[i, t]
     q_order, q_bounds = _groups(cols.tile_of[qt], nC)
-    rev_i2t = torch.zeros(N * k_i2t, dtype=torch.long, device=dev)
+    rev_i2t = restore("rev_i2t", lambda: torch.zeros(N * k_i2t, dtype=torch.long, device=dev))
     pt = torch.arange(M, device=dev).repeat_interleave(k_t2i)  # text t ...
     pc = ci_.reshape(-1)  # ... and each image c of its top-k
     p_order, p_bounds = _groups(rows.tile_of[pc], nR)
-    best_u = torch.empty(M * k_t2i, dtype=torch.long, device=dev)
-    best_v = torch.empty(M * k_t2i, dtype=dtype, device=dev)
+    best_u = restore("best_u", lambda: torch.empty(M * k_t2i, dtype=torch.long, device=dev))
+    best_v = restore("best_v", lambda: torch.empty(M * k_t2i, dtype=dtype, device=dev))
+    first = begin("reverse_i2t")
     bar = _progress(nR * nC, "stream: reverse positions (I2T)", progress)
-    for a in range(nR):
+    bar.update(first * nC)
+    for a in range(first, nR):
         R = rows.ids[a]
         mine = p_order[p_bounds[a] : p_bounds[a + 1]]  # T2I candidates in this row tile
         pq = mine.repeat_interleave(kp)
@@ -482,14 +522,18 @@ def stream_ranks(
         topv = vals.max(dim=1, keepdim=True).values
         best_u[mine] = torch.where(vals == topv, uu, M).min(dim=1).values
         best_v[mine] = topv.squeeze(1)
+        save("reverse_i2t", a + 1, rev_i2t=rev_i2t, best_u=best_u, best_v=best_v)
     bar.close()
     record("reverse_i2t_and_neighbour_scores", t0, c0, s0)
+    save("reverse_t2i", 0, force=True, rev_i2t=rev_i2t, best_u=best_u, best_v=best_v)
 
     # ---- pass 4: T2I reverse positions (best neighbour's position in row c)
     t0, c0, s0 = time.perf_counter(), tiles.calls, tiles.seconds
-    rev_t2i = torch.zeros(M * k_t2i, dtype=torch.long, device=dev)
+    rev_t2i = restore("rev_t2i", lambda: torch.zeros(M * k_t2i, dtype=torch.long, device=dev))
+    first = begin("reverse_t2i")
     bar = _progress(nR * nC, "stream: reverse positions (T2I)", progress)
-    for a in range(nR):
+    bar.update(first * nC)
+    for a in range(first, nR):
         sel = p_order[p_bounds[a] : p_bounds[a + 1]]
         lr = rows.local[pc[sel]]
         for b in range(nC):
@@ -500,8 +544,10 @@ def stream_ranks(
             if inside.numel() and not bool((X[rows.local[pc[inside]], cols.local[best_u[inside]]] == best_v[inside]).all()):
                 raise _nondeterministic("neighbour score")
             bar.update()
+        save("reverse_t2i", a + 1, rev_t2i=rev_t2i)
     bar.close()
     record("reverse_t2i", t0, c0, s0)
+    save("done", 0, force=True, rev_t2i=rev_t2i)
 
     # ---- re-ranked heads (1-based reverse positions, capped by n) and their ranks
     r_i2t = (rev_i2t + 1).view(N, k_i2t)
@@ -514,6 +560,18 @@ def stream_ranks(
     out.t2i_reranked = _apply_heads(out.t2i, heads_t2i, heads_t2i == g[:, None], own, hv_t2i, g, heads_t2i)
     info["neighbors"] = neighbors
     return out
+
+
+_ORDER = ("ground_truth",) + STAGES
+
+
+def _stage_index(stage: str) -> int:
+    return _ORDER.index(stage)
+
+
+def _stages_done(stage: str) -> set:
+    """The passes a state saved in ``stage`` has finished."""
+    return set(_ORDER[:_stage_index(stage)])
 
 
 def _metrics(i2t: torch.Tensor, t2i: torch.Tensor) -> dict:
@@ -561,6 +619,9 @@ def stream_evaluate(
     col_tiles: Optional[Sequence] = None,
     progress: bool = False,
     details: bool = False,
+    work=None,
+    fingerprint: Optional[dict] = None,
+    save_every_s: float = EVERY_S,
 ):
     """:func:`acf_fast.evaluate.evaluate_protocol` of the grid ``score`` defines, without S.
 
@@ -568,27 +629,61 @@ def stream_evaluate(
     and the same result dict, equal to the in-memory one on the S assembled from the
     tiles. ``details=True`` returns (result, [StreamRanks per fold]) (one fold except
     coco1k), with the re-ranked heads.
+
+    ``work``: a folder where the passes save their progress (:mod:`acf_fast.stream_state`,
+    at most every ``save_every_s`` seconds and at the end of each pass); a rerun with the
+    same ``fingerprint`` (a JSON-able dict of what ``score`` depends on: model, data,
+    settings; required with ``work``) and the same arguments resumes there and returns
+    the same result. The key folder is kept afterwards (a rerun reads the finished folds).
     """
     spec = protocol_spec(protocol, N, M, what="a grid")
     g = check_txt2img(txt2img, N, M).cpu()
     neighbors, text_vectors = _check_stream_rerank(rerank, neighbors, text_vectors, M)
     opts = dict(rerank=rerank, k_i2t=k_i2t, k_t2i=k_t2i, kprime=kprime, n=n, neighbors=neighbors, backend=backend,
                 tile_rows=tile_rows, tile_cols=tile_cols, progress=progress)
+    state = None
+    if work is not None:
+        if not isinstance(fingerprint, dict):
+            raise ValueError("work= needs fingerprint=, a dict of what the scorer's scores depend on (model, data, "
+                             f"settings), got {fingerprint!r}")
+        settings = {k: v for k, v in opts.items() if k not in ("backend", "progress")}
+        settings.update(N=int(N), M=int(M), protocol=protocol, txt2img=tensors_sha256(g),
+                        text_vectors=tensors_sha256(text_vectors if rerank else None),
+                        row_tiles=_tiles_digest(row_tiles), col_tiles=_tiles_digest(col_tiles))
+        state = StreamState(work, dict(fingerprint, stream=settings), every_s=save_every_s)
+    try:
+        parts, runs = _stream_folds(score, N, M, spec["folds"], g, text_vectors, row_tiles, col_tiles, state, opts)
+    finally:
+        if state is not None:
+            state.close()
+    result = protocol_result(protocol, N, M, parts, **opts)
+    for r in runs if state is not None else ():
+        r.info["work"] = str(state.root)
+    return (result, runs) if details else result
+
+
+def _tiles_digest(tiles: Optional[Sequence]) -> Optional[str]:
+    return None if tiles is None else tensors_sha256(*[torch.as_tensor(t).long() for t in tiles])
+
+
+def _stream_folds(score, N, M, folds, g, text_vectors, row_tiles, col_tiles, state, opts):
+    """(per-fold parts for protocol_result, [StreamRanks per fold])."""
+    rerank = opts["rerank"]
     runs, parts = [], []
-    for a, b, caps in protocol_folds(N, g, spec["folds"]):
+    for f, (a, b, caps) in enumerate(protocol_folds(N, g, folds)):
+        fold_state = None if state is None else state.fold(f)
         if caps is None:
             run = stream_ranks(score, N, M, g, text_vectors=text_vectors, row_tiles=row_tiles, col_tiles=col_tiles,
-                               **opts)
+                               state=fold_state, **opts)
         else:
             tv = None if text_vectors is None else text_vectors[caps.to(text_vectors.device)]
             run = stream_ranks(_fold_scorer(score, a, caps), b - a, caps.numel(), g[caps] - a, text_vectors=tv,
                                row_tiles=_fold_tiles(row_tiles, torch.arange(a, b), N),
-                               col_tiles=_fold_tiles(col_tiles, caps, M), **opts)
+                               col_tiles=_fold_tiles(col_tiles, caps, M), state=fold_state, **opts)
         runs.append(run)
         parts.append({"images": (a, b), "plain": _metrics(run.i2t, run.t2i),
                       "reranked": _metrics(run.i2t_reranked, run.t2i_reranked) if rerank else None})
-    result = protocol_result(protocol, N, M, parts, **opts)
-    return (result, runs) if details else result
+    return parts, runs
 
 
 def _check_stream_rerank(rerank: bool, neighbors, text_vectors, M: int):
@@ -673,11 +768,12 @@ class ACFBlockScorer:
 
 def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any", *, backend: str = "auto",
                  device="auto", precision: str = "fp32", chunk_images: int = 256, text_chunk: Optional[int] = None,
-                 progress: bool = True, **opts):
+                 progress: bool = True, work=None, save_every_s: float = EVERY_S, **opts):
     """``acf-fast evaluate --data --stream``: :func:`stream_evaluate` of a checkpoint on a
     SCAN-layout split, with the model as the block scorer (:class:`ACFBlockScorer`) and its
-    text vectors for ``embedding`` neighbours. Returns (result dict, scoring info)."""
-    from .scoring import default_text_chunk, encode_texts, open_split
+    text vectors for ``embedding`` neighbours. Progress is saved under ``work`` (default
+    :func:`default_stream_work`) and a rerun resumes. Returns (result dict, scoring info)."""
+    from .scoring import default_text_chunk, encode_texts, open_split, split_fingerprint
 
     if opts.get("rerank") and opts.get("neighbors") == "profile":
         raise ValueError(PROFILE_REFUSAL)
@@ -688,11 +784,25 @@ def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any",
     text_chunk = text_chunk or default_text_chunk(dev)
     texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
     scorer = ACFBlockScorer(model, data, texts, dev, backend=backend, precision=precision, chunk_images=chunk_images)
+    settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
+    fingerprint = split_fingerprint(model, folder, split, settings)
+    if work is None and opened.checkpoint is not None:
+        work = default_stream_work(opened.checkpoint, split)
     t0 = time.perf_counter()
     result, runs = stream_evaluate(scorer, data.num_images, M, protocol, np.asarray(data.txt2img, dtype=np.int64),
                                    text_vectors=texts.vectors, row_tiles=scorer.row_tiles, col_tiles=scorer.col_tiles,
-                                   progress=progress, details=True, **opts)
-    info = {"stream": True, "backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk,
-            "chunk_images": chunk_images, "split": split, "seconds": round(time.perf_counter() - t0, 3),
-            "passes": [r.info for r in runs]}
+                                   progress=progress, details=True, work=work, fingerprint=fingerprint,
+                                   save_every_s=save_every_s, **opts)
+    info = {"stream": True, **settings, "chunk_images": chunk_images, "split": split,
+            "seconds": round(time.perf_counter() - t0, 3), "passes": [r.info for r in runs]}
     return result, info
+
+
+def default_stream_work(checkpoint, split: str):
+    """Where a streaming evaluation saves its progress by default:
+    ``<checkpoint folder>/eval_<checkpoint name>_<split>_stream``, beside (never inside)
+    the full grid's chunk folder, whose key folders it would otherwise prune."""
+    from .scoring import default_work
+
+    base = default_work(checkpoint, split)
+    return base.with_name(base.name + "_stream")

@@ -159,6 +159,87 @@ def test_refusals():
         stream_ranks(drifting, 6, 30, tile_rows=2, tile_cols=30)
 
 
+
+# ------------------------------------------------------------------ resuming a killed stream (work=)
+class Killed(Exception):
+    pass
+
+
+class DyingScorer(TileScorer):
+    """A TileScorer that dies (raises Killed) at its call number ``die_at``."""
+
+    def __init__(self, S, max_rows, max_cols, die_at):
+        super().__init__(S, max_rows, max_cols)
+        self.die_at = die_at
+
+    def __call__(self, rows, cols):
+        if self.calls + 1 == self.die_at:
+            raise Killed
+        return super().__call__(rows, cols)
+
+
+@pytest.mark.parametrize("protocol, rerank", [("any", True), ("any", False), ("coco1k", True)])
+def test_a_killed_stream_resumes_to_the_same_result(tmp_path, monkeypatch, protocol, rerank):
+    """Killed at tiles spread over every pass (and folds), then killed again early in the
+    resumed run, a rerun with the same work and fingerprint resumes (scores fewer tiles
+    than a whole run) and returns exactly the uninterrupted result and heads; a finished
+    run is read back with one tile per fold."""
+    monkeypatch.setitem(PROTOCOLS, "coco1k", {"shape": (25, 125), "folds": 5})
+    N, M, tr, tc = 25, 125, 4, 30
+    S = tied_scores(N, M, seed=5)
+    tv = torch.randn(M, 6, generator=torch.Generator().manual_seed(5))
+    opts = dict(rerank=True, k_i2t=6, k_t2i=4, kprime=3, text_vectors=tv, n=5) if rerank else {}
+    run = dict(tile_rows=tr, tile_cols=tc, details=True, **opts)
+    whole = TileScorer(S, tr, tc)
+    want, want_runs = stream_evaluate(whole, N, M, protocol, **run)
+    total, folds = whole.calls, want["folds"]
+    gt = want_runs[0].info["passes"]["ground_truth"]["tiles"]  # the first fold's pass 1 (nothing saved before its end)
+    for die_at in sorted({gt + 2, total // 4, total // 2, 3 * total // 4, total - 1}):
+        work = tmp_path / f"w{die_at}"
+        dying = DyingScorer(S, tr, tc, die_at)
+        with pytest.raises(Killed):
+            stream_evaluate(dying, N, M, protocol, work=work, fingerprint={"S": "tied 5"}, save_every_s=0, **run)
+        with pytest.raises(Killed):  # and killed again, at the second tile of the resumed run
+            stream_evaluate(DyingScorer(S, tr, tc, 2), N, M, protocol, work=work, fingerprint={"S": "tied 5"},
+                            save_every_s=0, **run)
+        again = TileScorer(S, tr, tc)
+        got, runs = stream_evaluate(again, N, M, protocol, work=work, fingerprint={"S": "tied 5"}, save_every_s=0,
+                                    **run)
+        assert got == want, die_at
+        assert again.calls < total and any(r.info.get("resumed") for r in runs), (die_at, again.calls, total)
+        for r, w in zip(runs, want_runs):
+            for name in ("i2t", "t2i", "i2t_heads", "t2i_heads", "i2t_reranked", "t2i_reranked"):
+                a, b = getattr(r, name), getattr(w, name)
+                assert (a is None and b is None) or torch.equal(a, b), (die_at, name)
+    done = TileScorer(S, tr, tc)
+    assert stream_evaluate(done, N, M, protocol, work=work, fingerprint={"S": "tied 5"}, **run)[0] == want
+    assert done.calls == folds  # every fold finished: one ground-truth tile each, to check the saved scores
+
+
+def test_a_resumed_stream_checks_its_saved_state(tmp_path):
+    """Another fingerprint starts afresh (and the stale key folder goes); the same
+    fingerprint over a scorer whose scores changed is refused, not mixed in."""
+    N, M, tr, tc = 12, 60, 3, 20
+    S = tied_scores(N, M, seed=8)
+    run = dict(tile_rows=tr, tile_cols=tc, rerank=True, k_i2t=4, k_t2i=3, kprime=2, neighbors="siblings")
+    with pytest.raises(Killed):
+        stream_evaluate(DyingScorer(S, tr, tc, 9), N, M, work=tmp_path, fingerprint={"m": 1}, save_every_s=0, **run)
+    (old,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    fresh = TileScorer(S, tr, tc)
+    got, runs = stream_evaluate(fresh, N, M, work=tmp_path, fingerprint={"m": 2}, details=True, **run)
+    assert "resumed" not in runs[0].info and got == evaluate_protocol(S, **run_opts(run))
+    assert not old.exists()
+    with pytest.raises(Killed):
+        stream_evaluate(DyingScorer(S, tr, tc, 9), N, M, work=tmp_path, fingerprint={"m": 3}, save_every_s=0, **run)
+    with pytest.raises(ValueError, match="saved by the run this one resumes"):
+        stream_evaluate(TileScorer(S + 0.125, tr, tc), N, M, work=tmp_path, fingerprint={"m": 3}, **run)
+    with pytest.raises(ValueError, match="fingerprint"):
+        stream_evaluate(TileScorer(S, tr, tc), N, M, work=tmp_path, **run)
+
+
+def run_opts(run):
+    return {k: v for k, v in run.items() if k not in ("tile_rows", "tile_cols")}
+
 # ------------------------------------------------------------------ the CLI: --data --stream, the model as scorer
 def test_cli_stream_equals_in_memory(tmp_path, capsys):
     from acf_fast.cli import main
@@ -181,6 +262,45 @@ def test_cli_stream_equals_in_memory(tmp_path, capsys):
     assert "--save-sims" in err and "--stream" in err and not (tmp_path / "S.npy").exists()
     assert main(base + ["--stream", "--neighbors", "profile"]) == 2
     assert "profile" in capsys.readouterr().err
+
+
+def test_cli_stream_resumes_after_a_kill(tmp_path, monkeypatch):
+    """``evaluate --stream --work W`` killed late in its passes: the rerun resumes from the
+    saved pass (scores fewer tiles) and writes the uninterrupted JSON's results."""
+    from acf_fast import stream as st
+    from acf_fast.cli import main
+
+    data, ckpt = tmp_path / "data", tmp_path / "best.safetensors"
+    write_split(data)
+    save_model(ckpt, seed=2)
+    base = ["evaluate", "--data", str(data), "--checkpoint", str(ckpt), "--backend", "torch", "--device", "cpu",
+            "--chunk-images", "4", "--quiet", "--rerank", "--k-t2i", "6", "--stream"]
+    real, calls = st.ACFBlockScorer.__call__, []
+
+    def counted(self, rows, cols):
+        calls.append(1)
+        if len(calls) == die_at[0]:
+            raise Killed
+        return real(self, rows, cols)
+
+    die_at = [None]
+    monkeypatch.setattr(st.ACFBlockScorer, "__call__", counted)
+    assert main(base + ["--work", str(tmp_path / "w0"), "--out", str(tmp_path / "whole.json")]) == 0
+    total = len(calls)
+    calls.clear()
+    die_at[0] = total - 1
+    with pytest.raises(Killed):
+        main(base + ["--work", str(tmp_path / "w1"), "--out", str(tmp_path / "resumed.json")])
+    assert not (tmp_path / "resumed.json").exists()
+    calls.clear()
+    die_at[0] = None
+    assert main(base + ["--work", str(tmp_path / "w1"), "--out", str(tmp_path / "resumed.json")]) == 0
+    assert len(calls) < total
+    whole, got = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "resumed.json"))
+    assert got["scoring"]["passes"][0]["resumed"]["stage"] in ("ranks", "reverse_i2t", "reverse_t2i")
+    assert "resumed" not in whole["scoring"]["passes"][0]
+    for key in ("plain", "reranked", "rerank", "protocol", "images", "texts"):
+        assert got[key] == whole[key]
 
 
 def test_no_tensor_as_large_as_the_grid():

@@ -51,7 +51,8 @@ def register(subparsers) -> None:
                    help="where to score (--data) and rank: cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--work", type=Path,
                    help="with --data: folder for the resumable chunks, one subfolder per checkpoint, data and settings "
-                        "(default <checkpoint folder>/eval_<checkpoint name>_<split>)")
+                        "(default <checkpoint folder>/eval_<checkpoint name>_<split>); with --stream, for the saved "
+                        "progress of the passes (default the same name + _stream)")
     p.add_argument("--chunk-images", type=_positive_int, default=256,
                    help="with --data: images per saved chunk (default 256)")
     p.add_argument("--save-sims", type=Path, help="with --data: also write the scored S to this .npy")
@@ -125,10 +126,8 @@ def run(args) -> int:
             raise ValueError("--data needs --checkpoint (the model that scores the split)")
         if args.txt2img is not None:
             raise ValueError("--txt2img goes with --sims; with --data the split's captions define it")
-        for flag in ("save_sims", "work") if args.stream else ():
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} cannot go with --stream: a streaming evaluation never "
-                                 "holds S (nor saves its chunks)")
+        if args.stream and args.save_sims is not None:
+            raise ValueError("--save-sims cannot go with --stream: a streaming evaluation never holds S")
         for flag in ("stream", "shortlist"):
             if getattr(args, flag) not in (None, False) and env_world_size() > 1:
                 raise ValueError(f"--{flag} runs in one process: under torchrun drop --{flag} (the ranks then share "
@@ -151,7 +150,7 @@ def run(args) -> int:
 
             result, info = stream_split(args.checkpoint, args.data, args.split, args.protocol, backend=args.backend,
                                         device=args.device, precision=args.precision, chunk_images=args.chunk_images,
-                                        progress=not args.quiet, **opts)
+                                        progress=not args.quiet, work=args.work, **opts)
         else:
             if args.shortlist is not None:
                 from ..shortlist import shortlist_split
