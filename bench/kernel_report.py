@@ -65,6 +65,7 @@ TARGETS = {  # issue 10: warp-instructions per pair (bf16), padding efficiency
     ("v2", "paper", "bf16"): 60_000,
 }
 MIN_PADDING_EFFICIENCY = 0.7
+SM90_SHARED_LIMIT = 232_448  # bytes of dynamic shared memory one block may launch with on sm_90
 
 
 def _tiles():
@@ -92,7 +93,7 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
             st = "*bf16" if dname == "bf16" else "*fp32"
             prec = "tf32" if dname == "bf16" else "tf32x3"
             for LB in buckets:
-                ce = tiles.tile_constexprs(H, DH, K, LB, full=full, shared_qk=not full, o_is_q=not full,
+                ce = tiles.tile_constexprs(H, DH, K if full else tiles.image_rows(K), LB, full=full, shared_qk=not full, o_is_q=not full,
                                            pairwise=full, embed=not full, E=E_EMBED, HKP=tiles.hkp_of(H, K),
                                            dot_prec=prec)
                 sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
@@ -117,7 +118,7 @@ def v2_expected_macs(m: dict) -> int:
     if not m["O_IS_Q"]:
         per_head += 2 * BR * BC * DHp
     if not m["FULL"]:
-        per_head += BC * BC * DHp + BR * BC * BC + BR * BR * DHp + BC * BR * BR  # Γw, A·Γw, Γv, B·Γv
+        per_head += BR * BC * BC + BC * BR * BR  # A·Γw, B·Γv (the Γ blocks are read, computed once per item)
     if m["PAIRWISE"]:
         per_head += m["PP"] * BC * DHp + m["PP"] * BR * DHp  # κ, λ
     total = Hh * per_head

@@ -6,22 +6,24 @@ back (``GI·K`` region rows, padded to ``BR``), texts come from one length bucke
 ``tl.dot`` (BR × BC × d on a GPU: 128 × 128 × 128, wgmma on Hopper), and the
 per-pair structure lives only in *segmented* reductions: a text's tokens are a
 contiguous segment of LB columns (``tl.reshape`` to (.., GT, LB)), an image's regions
-a segment of K rows (``GI`` masked passes; K = 36 is not a power of two).
+a segment of K rows (``GI`` masked passes; K = 36 is not a power of two, and the
+block-diagonal layout pads it to 40 masked rows, :func:`image_rows`).
 
 Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :func:`_tile_kernel`.
 
     X   = Qv_h Kwᵀ_h                   (BR, BC)  i2t logits, all 24 pairs of the tile at once
     p   = exp(s·X − segment max)       per (region row, text) segment of LB columns
     num += Σ_seg p ⊙ (Ov_h Kwᵀ_h) / Σ_seg p
-    Y   = p · Γw_blk                   (BR, BC)  Γw_blk = Kw_h Kwᵀ_h masked to same-text blocks
+    Y   = p · Γw_blk                   (BR, BC)  Γw_blk = the texts' Kw_h Kwᵀ_h, zero between texts
     nrm += Σ_seg p ⊙ Y / (Σ_seg p)²    = a Γw aᵀ with a = p / Σ p (spec §8)
 
 and the mirror image for words -> regions (queries = text tokens, segments = images).
-Γ is computed in the kernel from the key tile it already holds (one more dot per
-direction) instead of being read from memory: no per-item Γ exists for this path,
-and the tile's shared memory holds only the operand tiles. The unnormalised p
-goes into the Γ product (cast to the storage dtype like flash attention's P·V) and
-the segment sums divide afterwards, so no normalised A is ever formed.
+Γ is computed once per item, as spec §8 has it (``precompute_items``: Γw_h = Kw_h Kwᵀ_h
+per text, Γv_h per image), and each tile gathers the blocks of its texts and images
+(zero between items) instead of recomputing them from its key tiles: that was a third
+of the tile's tensor-core work (BC²·d + BR²·d per head), for ~94 KB more read per tile.
+The unnormalised p goes into the Γ product (cast to the storage dtype like flash
+attention's P·V) and the segment sums divide afterwards, so no normalised A is ever formed.
 
 Softmax maxima are taken per segment (never over a whole tile row): a text whose
 logits are all far below another text's in the same row would otherwise underflow.
@@ -120,10 +122,11 @@ def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.cons
 def _tile_kernel(
     S_ptr, stride_sn, stride_sm,
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
-    # norm (n*K,) fp32; gam (n, HKP, HKP) Γv with rows h*K + k (FULL only)
+    # norm (n*K,) fp32; gam: FULL (n, HKP, HKP) Γv with rows h*K + k, else (n, H, K, K) the Γv_h blocks
     vq_ptr, vk_ptr, vo_ptr, stride_vh, vmask_ptr, vnorm_ptr, vgam_ptr,
     # texts of ONE length bucket: Q/Kk/O (H, Mb*LB, DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32;
-    # col (Mb,) int32 S column of each bucket text; gam (Mb, HL, HL) Γw with rows h*LB + l (FULL only)
+    # col (Mb,) int32 S column of each bucket text; gam: FULL (Mb, HL, HL) Γw with rows h*LB + l,
+    # else (Mb, H, LB, LB) the Γw_h blocks
     wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wcol_ptr, wgam_ptr,
     # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
     # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
@@ -161,9 +164,14 @@ def _tile_kernel(
     w_head = Mb * LB * DH
     c_i2t = s_i2t * 1.4426950408889634
     c_t2i = s_t2i * 1.4426950408889634
-    same_txt = txt_c[:, None] == txt_c[None, :]
     v_off = r[:, None] * DH + d[None, :]  # int32, within a tile
     w_off = c[:, None] * DH + d[None, :]
+    # block-diagonal Γ tiles: offsets of the text / image Gram blocks (int32, within a tile)
+    l_c = c - txt_c * LB
+    gw_off = (txt_c * (H * LB * LB) + l_c * LB)[:, None] + l_c[None, :]
+    same_txt = txt_c[:, None] == txt_c[None, :]
+    k_r = r - img_r * K
+    gv_off = (img_r * (H * K * K) + k_r * K)[:, None] + k_r[None, :]
     same_img = img_r[:, None] == img_r[None, :]
 
     for tile in range(pid, n_tiles, n_prog):
@@ -175,6 +183,8 @@ def _tile_kernel(
         col_in = txt_c < (Mb - t0).to(tl.int32)
         w_valid = col_in & (tl.load((wmask_ptr + t0 * LB) + c, mask=col_in, other=0) != 0)
         w_valid3 = tl.reshape(w_valid, (1, GT, LB))
+        gw_in = same_txt & col_in[:, None]
+        gv_in = same_img & row_in[:, None]
         v_first = i0 * (K * DH)  # int64 element offset of the tile's first region row
         w_first = t0 * (LB * DH)
         # valid query rows per (image slot) and per (text slot): the means' denominators
@@ -214,10 +224,10 @@ def _tile_kernel(
                 if ps == 0:
                     # ---- regions -> words: rows = regions, segments = texts (LB columns each)
                     if not FULL:
-                        # Γw first: it goes to shared memory as a later dot's operand, so its
-                        # registers are free before the logits tile is live.
-                        gw = tl.dot(wk, tl.trans(wk), input_precision=DOT_PREC)
-                        gw = tl.where(same_txt, gw, 0.0).to(wk.dtype)
+                        # Γw_blk: the bucket texts' Gram blocks (computed once per text), zero
+                        # between texts. Loaded first: it goes to shared memory as a later
+                        # dot's operand, so its registers are free before the logits are live.
+                        gw = tl.load((wgam_ptr + (t0 * H + h) * (LB * LB)) + gw_off, mask=gw_in, other=0.0)
                     x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
                     p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
                     if O_IS_Q:
@@ -251,8 +261,7 @@ def _tile_kernel(
                 if ps == 1 or not SPLIT:
                     # ---- words -> regions: rows = tokens, segments = images (K columns each)
                     if not FULL:
-                        gv = tl.dot(vk, tl.trans(vk), input_precision=DOT_PREC)
-                        gv = tl.where(same_img, gv, 0.0).to(vk.dtype)
+                        gv = tl.load((vgam_ptr + (i0 * H + h) * (K * K)) + gv_off, mask=gv_in, other=0.0)
                     xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
                     q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
                     if O_IS_Q:
@@ -400,6 +409,16 @@ def image_tile_shape(K: int, rows: int = TILE_ROWS) -> Tuple[int, int]:
     return gi, _pow2(gi * K)
 
 
+def image_rows(K: int, rows: int = TILE_ROWS) -> int:
+    """Rows per image in the block-diagonal tile layout: K padded with masked rows to a
+    multiple of 8 when the tile keeps its shape, else K. An image's segment of the tile
+    and its Γv block then start on 16-byte boundaries, so that the tile gathers the Γv
+    blocks with vector loads (36 -> 40 regions: in the offline sm_90 build, spills 432 ->
+    176 B and -15 % instructions per pair; the tile holds 3 images of 128 rows either way)."""
+    kr = -(-K // 8) * 8
+    return kr if image_tile_shape(kr, rows) == image_tile_shape(K, rows) else K
+
+
 def bucket_of(length: int, buckets=None) -> int:
     """The padded length (bucket) of a text with ``length`` valid tokens."""
     for b in buckets or BUCKETS:
@@ -421,15 +440,16 @@ class TileImages:
     """Image side in the tile layout (n images of K regions, H heads, head width DH).
 
     Q/Kk/O: (H, n*K, DH) storage dtype, head-major (Kk/O may be the same tensor as Q);
-    mask (n*K,) int8; norm (n*K,) fp32; gam (n, HKP, HKP) storage dtype, the full Γv with
-    row h*K + k, zero-padded to HKP (None for block-diagonal Γ); gx (n, D) fp32 or None."""
+    mask (n*K,) int8; norm (n*K,) fp32; gam storage dtype: the full Γv (n, HKP, HKP) with
+    row h*K + k, zero-padded to HKP, or for block-diagonal Γ the blocks (n, H, K, K); gx
+    (n, D) fp32 or None. K here is the layout's rows per image (:func:`image_rows`)."""
 
     Q: torch.Tensor
     Kk: torch.Tensor
     O: torch.Tensor
     mask: torch.Tensor
     norm: torch.Tensor
-    gam: Optional[torch.Tensor]
+    gam: torch.Tensor
     gx: Optional[torch.Tensor]
     K: int
 
@@ -443,7 +463,8 @@ class TextBucket:
     """Texts of one length bucket: each text's valid tokens first, padded to LB rows.
 
     Q/Kk/O: (H, Mb*LB, DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32; col (Mb,) int32 = the
-    S column of each text; gam (Mb, H*LB, H*LB) full Γw with row h*LB + l, or None."""
+    S column of each text; gam: the full Γw (Mb, H*LB, H*LB) with row h*LB + l, or for
+    block-diagonal Γ the blocks (Mb, H, LB, LB); zero at padded tokens."""
 
     Q: torch.Tensor
     Kk: torch.Tensor
@@ -451,7 +472,7 @@ class TextBucket:
     mask: torch.Tensor
     norm: torch.Tensor
     col: torch.Tensor
-    gam: Optional[torch.Tensor]
+    gam: torch.Tensor
     LB: int
 
     @property
@@ -514,16 +535,27 @@ def _cat_sides(parts, dim_items):
 
 
 def tile_images(side, st: torch.dtype) -> TileImages:
-    """acf_fast.precompute.ItemSide of n images -> :class:`TileImages`."""
+    """acf_fast.precompute.ItemSide of n images -> :class:`TileImages` (block-diagonal Γ:
+    each image's rows padded with masked zero rows to :func:`image_rows`)."""
     n, H, K, d = side.Q.shape
-    Q, Kk, O = _tile_qko(side.Q, side.Kk, side.O, head_width(H * d, H), st)
-    gam = None
-    if not side.block_diagonal:
+    KR = image_rows(K) if side.block_diagonal else K
+    pad = torch.nn.functional.pad
+
+    def rows(x):  # (n, H, K, d) -> (n, H, KR, d)
+        return pad(x, (0, 0, 0, KR - K)) if KR != K else x
+
+    Qp = rows(side.Q)
+    Q, Kk, O = _tile_qko(Qp, Qp if side.Kk is side.Q else rows(side.Kk), Qp if side.O is side.Q else rows(side.O),
+                         head_width(H * d, H), st)
+    if side.block_diagonal:  # (n, H, KR, KR): each image's Gram blocks
+        gam = pad(side.gram.to(st), (0, KR - K, 0, KR - K)).contiguous()
+    else:
         HK, hkp = H * K, hkp_of(H, K)
-        gam = torch.nn.functional.pad(side.gram.to(st), (0, hkp - HK, 0, hkp - HK)).contiguous()
-    return TileImages(Q, Kk, O, side.mask.reshape(-1).to(torch.int8).contiguous(),
-                      side.norm.reshape(-1).to(torch.float32).contiguous(), gam,
-                      None if side.gx is None else side.gx.to(torch.float32).contiguous(), K)
+        gam = pad(side.gram.to(st), (0, hkp - HK, 0, hkp - HK)).contiguous()
+    mask = pad(side.mask.to(torch.int8), (0, KR - K))
+    norm = pad(side.norm.to(torch.float32), (0, KR - K))
+    return TileImages(Q, Kk, O, mask.reshape(-1).contiguous(), norm.reshape(-1).contiguous(), gam,
+                      None if side.gx is None else side.gx.to(torch.float32).contiguous(), KR)
 
 
 def tile_texts(side, st: torch.dtype, first: int = 0) -> List[TextBucket]:
@@ -559,8 +591,15 @@ def tile_texts(side, st: torch.dtype, first: int = 0) -> List[TextBucket]:
         valid = torch.arange(LB, device=count.device)[None, :] < count[sel, None]
         norm = torch.gather(side.norm[sel], 1, tok)
         norm = torch.nn.functional.pad(norm, (0, pad)) if pad else norm
-        gam = None
-        if not side.block_diagonal:
+        if side.block_diagonal:
+            # rows/cols tok[l] of each head's Γ -> l, zero at padded tokens: (Mb, H, LB, LB)
+            ix = tok[:, None, :].expand(-1, H, -1)
+            g = torch.gather(side.gram[sel], 2, ix[..., None].expand(-1, -1, -1, L))
+            g = torch.gather(g, 3, ix[:, :, None, :].expand(-1, -1, T, -1))
+            kv = valid[:, :T]
+            g = g * (kv[:, None, :, None] & kv[:, None, None, :])
+            gam = (torch.nn.functional.pad(g, (0, pad, 0, pad)) if pad else g).to(st).contiguous()
+        else:
             # rows/cols h*L + tok[l] of Γ -> h*LB + l, zero at padded tokens
             tokp = torch.nn.functional.pad(tok, (0, pad)) if pad else tok
             ix = (torch.arange(H, device=tok.device)[None, :, None] * L + tokp[:, None, :]).reshape(len(sel), H * LB)
@@ -637,7 +676,7 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
                                     role="text", pairwise_global=False)
             text_parts.append(tile_texts(side, st, first=s))
         buckets = _merge_buckets(text_parts)
-        full = images.gam is not None
+        full = not side.block_diagonal
         glob = None
         if pairwise:
             glob = _global_weights(weights, D, heads, images.Q.shape[2], V.device)
@@ -659,12 +698,14 @@ def _configs(interpret: bool):
 
 def _prune(configs, named_args, **meta):
     """Full Γ and fp32 operands need one stage (two overflow shared memory); the
-    block-diagonal bf16 tile tries both. One pass over the heads is tried only for the
-    block-diagonal bf16 tile, the configuration a GPU run times first (each extra config
-    is one more compile per autotuning key); elsewhere the split spills far less."""
+    block-diagonal bf16 tile tries both with two passes over the heads, one pass with one
+    stage (one pass double-buffers both directions' operands and Γ tiles: 256 KiB at two
+    stages). One pass is tried only for the block-diagonal bf16 tile, the configuration a
+    GPU run times first (each extra config is one more compile per autotuning key);
+    elsewhere the split spills far less."""
     if meta.get("FULL") or meta.get("DOT_PREC") != "tf32" or meta.get("DH", 0) > 128:
         return [c for c in configs if c.num_stages == 1 and c.kwargs.get("SPLIT", True)] or configs[:1]
-    return configs
+    return [c for c in configs if c.num_stages == 1 or c.kwargs.get("SPLIT", True)]
 
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
@@ -788,8 +829,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             rs = slice(lo * img.K, hi * img.K)
             args = (out[lo:hi], out.stride(0), out.stride(1),
                     img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], img.norm[rs],
-                    img.gam[lo:hi] if plan.full else img.norm,
-                    b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam if plan.full else img.norm,
+                    img.gam[lo:hi],
+                    b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam,
                     scratch, kap, lam,
                     gi[lo:hi] if embed else img.norm, gtb,
                     hi - lo, b.Mb, n_tt, E, float(scale[0]), float(scale[1]), float(u1), float(u2), float(eps))

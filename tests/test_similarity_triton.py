@@ -88,7 +88,14 @@ TILE_CASES = [
     ("paper-one-bucket", "paper", ALL_WEIGHTS, (5, 6, 5, 32), (32, 2), (16, 32), (32, 128)),  # L = 1 and 32 in one tile
     ("acf-one-bucket", "acf-code", None, (5, 6, 5, 32), (32, 2), (16, 64), (32, 128)),
     ("zx-xw-no-zo", "paper", ("z_x", "x_w", "gate"), (7, 9, 6, 20), (32, 2), (32, 16), tiles.BUCKETS),
+    # COCO's 36 regions: laid out as 40 (4 masked rows each), 3 images in a 128-row tile
+    ("acf-code-K36", "acf-code", None, (4, 5, 36, 20), (32, 2), (128, 32), tiles.BUCKETS),
 ]
+
+
+def test_image_rows_pad_to_16_byte_rows_only_when_the_tile_keeps_its_shape():
+    assert [tiles.image_rows(k) for k in (36, 40, 7, 43, 42, 3, 128)] == [40, 40, 8, 48, 42, 3, 128]
+    assert tiles.image_tile_shape(40) == tiles.image_tile_shape(36) == (3, 128)
 
 
 @pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", TILE_CASES, ids=[c[0] for c in TILE_CASES])
