@@ -29,7 +29,6 @@ wrong mapping fails loudly instead of printing a wrong figure. The records of th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
