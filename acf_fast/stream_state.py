@@ -65,14 +65,14 @@ class FoldState:
     def load(self) -> Optional[Tuple[str, int, Dict[str, torch.Tensor]]]:
         """(stage, next row tile, tensors on the CPU), or None when nothing is saved (or
         the file is unreadable: the fold starts over)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             stage, nxt = meta["stage"], int(meta["next"])
-        except (OSError, KeyError, ValueError, RuntimeError):
+        except (OSError, KeyError, ValueError, SafetensorError):
             return None
         if stage not in STAGES or nxt < 0:
             return None

@@ -159,7 +159,6 @@ def test_refusals():
         stream_ranks(drifting, 6, 30, tile_rows=2, tile_cols=30)
 
 
-
 # ------------------------------------------------------------------ resuming a killed stream (work=)
 class Killed(Exception):
     pass
@@ -235,10 +234,17 @@ def test_a_resumed_stream_checks_its_saved_state(tmp_path):
         stream_evaluate(TileScorer(S + 0.125, tr, tc), N, M, work=tmp_path, fingerprint={"m": 3}, **run)
     with pytest.raises(ValueError, match="fingerprint"):
         stream_evaluate(TileScorer(S, tr, tc), N, M, work=tmp_path, **run)
+    # a damaged state file (not the atomic writer's doing: a disk, a user) costs its progress, no more
+    (saved,) = tmp_path.glob("*/fold0.safetensors")
+    saved.write_bytes(b"not a safetensors file")
+    again = TileScorer(S, tr, tc)
+    got, runs = stream_evaluate(again, N, M, work=tmp_path, fingerprint={"m": 3}, details=True, **run)
+    assert "resumed" not in runs[0].info and got == evaluate_protocol(S, **run_opts(run))
 
 
 def run_opts(run):
     return {k: v for k, v in run.items() if k not in ("tile_rows", "tile_cols")}
+
 
 # ------------------------------------------------------------------ the CLI: --data --stream, the model as scorer
 def test_cli_stream_equals_in_memory(tmp_path, capsys):
