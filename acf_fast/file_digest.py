@@ -53,6 +53,11 @@ def file_sha256(path) -> str:
 
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's content as raw bytes (CPU, contiguous): what its digests hash."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def tensors_sha256(*tensors) -> str:
     """Hex SHA-256 of tensors (None allowed) by dtype, shape and content."""
     h = hashlib.sha256()
@@ -61,5 +66,5 @@ def tensors_sha256(*tensors) -> str:
             h.update(b"none")
             continue
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()

@@ -143,10 +143,12 @@ def score_items(model, regions, region_mask, globals_, words, word_mask, *, back
 
 def model_fingerprint(model) -> str:
     """SHA-256 of a model's config and every tensor of its state (a checkpoint's identity)."""
+    from .file_digest import tensor_bytes
+
     h = hashlib.sha256(json.dumps(getattr(model, "config", {}), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))  # the same bytes as ever: saved chunk caches keep their keys
     return h.hexdigest()
 
 
