@@ -657,8 +657,9 @@ def stream_evaluate(
         if state is not None:
             state.close()
     result = protocol_result(protocol, N, M, parts, **opts)
-    for r in runs if state is not None else ():
-        r.info["work"] = str(state.root)
+    if state is not None:
+        for r in runs:
+            r.info["work"] = str(state.root)
     return (result, runs) if details else result
 
 
