@@ -48,13 +48,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .file_digest import tensors_sha256
 from .evaluate import (_apply_heads, _check_rerank_inputs, _rsum, protocol_folds, protocol_result, protocol_spec,
                        summarize_ranks)
 # SURVIVOR_MAX_FRACTION: the fraction of a tile past which _count_lines' survivors give way to a search per item
 from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
                       topk_lines)
 from .rerank import _reorder, neighbors_of_checked
-from .file_digest import tensors_sha256
 from .stream_state import EVERY_S, STAGES, StreamState
 from .validate import check_txt2img
 
@@ -188,8 +188,6 @@ def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
     bits = (x.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 and +0.0 get one key
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
     return (bits << 32) | (length - 1 - ids)
-
-
 
 
 def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
@@ -383,11 +381,10 @@ def stream_ranks(
     stage, start, kept = ("ground_truth", 0, {}) if saved is None else saved
     if saved is not None:
         info["resumed"] = {"stage": stage, "row_tile": start}
-    done = _stages_done(stage)
     on_disk = [(_stage_index(stage), start)]
 
-    def begin(name):  # first row tile of pass ``name``: 0, ``start`` in the saved pass, nR past it
-        return nR if name in done else (start if name == stage else 0)
+    def begin(name):  # first row tile of pass ``name``: nR if the saved state is past it, ``start`` in it, else 0
+        return nR if _stage_index(name) < _stage_index(stage) else (start if name == stage else 0)
 
     def save(name, nxt, force=False, **tensors):
         # Only forward: a resumed run passing the saves of the passes it skips must not put
@@ -567,11 +564,6 @@ _ORDER = ("ground_truth",) + STAGES
 
 def _stage_index(stage: str) -> int:
     return _ORDER.index(stage)
-
-
-def _stages_done(stage: str) -> set:
-    """The passes a state saved in ``stage`` has finished."""
-    return set(_ORDER[:_stage_index(stage)])
 
 
 def _metrics(i2t: torch.Tensor, t2i: torch.Tensor) -> dict:
