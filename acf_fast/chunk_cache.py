@@ -68,12 +68,7 @@ class KeyFolder:
         self.close()
 
     def _prune_others(self) -> None:
-        """Delete the other key folders of ``work`` that no cache holds (and the
-        single-folder layout of format 1, ``work/chunks`` + ``work/manifest.json``)."""
-        legacy = _read_manifest(self.work / MANIFEST)
-        if legacy is not None and legacy.get("fingerprint", {}).get("format") == 1:
-            shutil.rmtree(self.work / "chunks", ignore_errors=True)
-            (self.work / MANIFEST).unlink(missing_ok=True)
+        """Delete the other key folders of ``work`` that no one holds."""
         for other in self.work.iterdir():
             if other == self.root or not other.is_dir() or not _KEY_RE.match(other.name):
                 continue
@@ -106,6 +101,10 @@ class ChunkCache(KeyFolder):
         self.shape = (int(shape[0]), int(shape[1]))
         self.chunk_rows = chunk_rows
         super().__init__(work, dict(fingerprint, chunk_rows=chunk_rows, format=FORMAT, shape=list(self.shape)))
+        legacy = _read_manifest(self.work / MANIFEST)  # format 1: one folder, work/chunks + work/manifest.json
+        if legacy is not None and legacy.get("fingerprint", {}).get("format") == 1:
+            shutil.rmtree(self.work / "chunks", ignore_errors=True)
+            (self.work / MANIFEST).unlink(missing_ok=True)
         self.folder = self.root / "chunks"
         self.folder.mkdir(exist_ok=True)
 
