@@ -143,11 +143,9 @@ def run(args) -> int:
         check_eval_split(stored.data if stored is not None else args.data, args.eval_test)
     epochs = args.epochs if args.epochs is not None else (None if args.resume else 20)
     cfg = config_from_args(argparse.Namespace(**{**vars(args), "data": args.data or "", "epochs": epochs}))
-    if not args.eval_test:
-        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
-        return 0
+
     import json
+    from contextlib import nullcontext
     from pathlib import Path
 
     from ..atomic import atomic_write_json
@@ -155,13 +153,16 @@ def run(args) -> int:
     from ..scoring import score_split
     from ..sharded import ranks
 
-    # Under torchrun the ranks train and then score the split in ONE process group (the
-    # trainer uses the group it finds): each rank scores its share of the chunks and rank 0
-    # gets S. Joining a second group after the trainer had left its own could hang.
-    with ranks(args.device) as group:
+    # With --eval-test under torchrun the ranks train and then score the split in ONE
+    # process group (the trainer uses the group it finds): each rank scores its share of
+    # the chunks and rank 0 gets S. Joining a second group after the trainer had left its
+    # own could hang.
+    with ranks(args.device) if args.eval_test else nullcontext() as group:
         run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        if group.is_main:
+        if group is None or group.is_main:
             print(f"run folder: {run_dir} (best.safetensors = best dev rsum; log.jsonl)")
+        if not args.eval_test:
+            return 0
         stored = json.loads((Path(run_dir) / "config.json").read_text())
         scored = score_split(Path(run_dir) / "best.safetensors", stored["data"], args.eval_test, backend=args.backend,
                              device=group.device, precision=args.precision, progress=not args.quiet, group=group)
