@@ -92,7 +92,8 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
             st = "*bf16" if dname == "bf16" else "*fp32"
             prec = "tf32" if dname == "bf16" else "tf32x3"
             for LB in buckets:
-                ce = tiles.tile_constexprs(H, DH, K if full else tiles.image_rows(K), LB, full=full, shared_qk=not full, o_is_q=not full,
+                rows = K if full else tiles.image_rows(K)  # the block-diagonal layout's rows per image
+                ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
                                            pairwise=full, embed=not full, E=E_EMBED, HKP=tiles.hkp_of(H, K),
                                            dot_prec=prec)
                 sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
