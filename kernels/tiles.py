@@ -85,6 +85,49 @@ def _seg_sum_cols(x, seg, GI: tl.constexpr, GIP: tl.constexpr):
 
 
 @triton.jit
+def _i2t_means(num, nrm, vn, v_valid, img_r, cnt, eps, GI: tl.constexpr, GIP: tl.constexpr):
+    """num, nrm (BR, GT) regions -> words numerators and squared norms; vn (BR,) region
+    norms; cnt (GIP,) valid regions per image slot. Returns (GIP, GT): the mean over each
+    image's valid regions of their cosines."""
+    cos = num / tl.maximum(vn[:, None] * tl.sqrt(nrm), eps)
+    cos = tl.where(v_valid[:, None], cos, 0.0)
+    slot = tl.arange(0, GIP)
+    out = tl.zeros((GIP, num.shape[1]), dtype=tl.float32)
+    for g in tl.static_range(GI):
+        sg = tl.sum(tl.where((img_r == g)[:, None], cos, 0.0), axis=0)
+        out = tl.where(slot[:, None] == g, sg[None, :], out)
+    return out / cnt[:, None]
+
+
+@triton.jit
+def _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c, GI: tl.constexpr, K: tl.constexpr,
+                LB: tl.constexpr):
+    """The tile's region rows and token columns that exist (row_in, col_in) and are valid
+    (v_valid, w_valid), all (BR,) / (BC,) bool. Per-row quantities in int32 against scalar
+    bounds: int64 row vectors (one per layout they are used in) were the largest loop
+    invariants of the sm_90 build."""
+    row_in = (r < GI * K) & (img_r < (N - i0).to(tl.int32))
+    v_valid = row_in & (tl.load((vmask_ptr + i0 * K) + r, mask=row_in, other=0) != 0)
+    col_in = txt_c < (Mb - t0).to(tl.int32)
+    w_valid = col_in & (tl.load((wmask_ptr + t0 * LB) + c, mask=col_in, other=0) != 0)
+    return row_in, v_valid, col_in, w_valid
+
+
+@triton.jit
+def _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI: tl.constexpr, GIP: tl.constexpr,
+             GT: tl.constexpr):
+    """Pointers (GIP, GT) to the tile's entries of S (text columns in the caller's order) and
+    the mask of those that exist."""
+    slot_i = tl.arange(0, GIP)
+    img = i0 + slot_i
+    txt = t0 + tl.arange(0, GT)
+    txt_in = txt < Mb
+    col = tl.load(wcol_ptr + txt, mask=txt_in, other=0).to(tl.int64)
+    return (S_ptr + img[:, None] * stride_sn + col[None, :] * stride_sm,
+            ((slot_i < GI) & (img < N))[:, None] & txt_in[None, :])
+
+
+@triton.jit
 def _tile_coords(tile, n_it, n_tt, GI: tl.constexpr, GT: tl.constexpr, GROUP_I: tl.constexpr):
     """Tile index -> (first image, first text of the bucket). Tiles come in groups of
     GROUP_I image tiles swept against every text tile, so a group's images stay in L2
@@ -177,12 +220,7 @@ def _tile_kernel(
 
     for tile in range(pid, n_tiles, n_prog):
         i0, t0 = _tile_coords(tile, n_it, n_tt, GI, GT, GROUP_I)
-        # Per-row quantities in int32 against scalar bounds: int64 row vectors (one per
-        # layout they are used in) were the largest loop invariants of the sm_90 build.
-        row_in = (r < GI * K) & (img_r < (N - i0).to(tl.int32))
-        v_valid = row_in & (tl.load((vmask_ptr + i0 * K) + r, mask=row_in, other=0) != 0)
-        col_in = txt_c < (Mb - t0).to(tl.int32)
-        w_valid = col_in & (tl.load((wmask_ptr + t0 * LB) + c, mask=col_in, other=0) != 0)
+        row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c, GI, K, LB)
         w_valid3 = tl.reshape(w_valid, (1, GT, LB))
         gw_in = same_txt & col_in[:, None]
         gv_in = same_img & row_in[:, None]
@@ -207,6 +245,15 @@ def _tile_kernel(
         # instructions per pair, at the price of reading the tile's features from L2 twice
         # (0.5 MB more per tile). Which costs more only a GPU can say: the autotuner tries both.
         for ps in tl.static_range(1 + SPLIT):
+            if ps == 1:
+                # the second pass derives its masks afresh (the loads follow the store of the
+                # first pass's means, so they are not merged with the first ones): kept from the
+                # tile's start, they were live through the first pass and spilled (offline sm_90
+                # build, bf16 bucket 16: 112 -> 64 B per thread, 0 B at bucket 32)
+                row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c,
+                                                               GI, K, LB)
+                gv_in = same_img & row_in[:, None]
+                cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
             for h in range(H):
                 # a scalar int64 base + int32 in-tile offsets: the offsets are loop invariants,
                 # live through the whole kernel, and int64 ones spill (offline sm_90 report)
@@ -295,6 +342,17 @@ def _tile_kernel(
                             bblk = tl.where(pick, rowj[None, :], bblk)
                         lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
                         _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+            if ps == 0 and SPLIT and not FULL:
+                # regions -> words is complete: reduce it to its (GIP, GT) means now, so that its
+                # (BR, GT) accumulators (replicated across each quad of threads) are not live
+                # through the second pass. The means wait in S itself, which only this program
+                # writes: kept in registers they were replicated too, and spilled. Offline sm_90
+                # build, bf16 bucket 16: 176 -> 112 B per thread, and no spill left in either
+                # loop over the heads.
+                vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
+                i2t = _i2t_means(num_i, nrm_i, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
+                s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
+                tl.store(s_at, i2t, mask=s_in)
 
         if FULL:
             # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
@@ -339,18 +397,17 @@ def _tile_kernel(
             tl.debug_barrier()  # the next tile overwrites the scratch slot
 
         # ---- cosines, then the mean over each pair's valid query rows
-        vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
-        cos_i = num_i / tl.maximum(vn[:, None] * tl.sqrt(nrm_i), eps)  # (BR, GT)
-        cos_i = tl.where(v_valid[:, None], cos_i, 0.0)
-        i2t = tl.zeros((GIP, GT), dtype=tl.float32)
-        for g in tl.static_range(GI):
-            mean_g = tl.sum(tl.where((img_r == g)[:, None], cos_i, 0.0), axis=0)
-            i2t = tl.where(slot_i[:, None] == g, mean_g[None, :], i2t)
-        i2t = i2t / cnt_i[:, None]
+        if FULL or not SPLIT:
+            vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
+            i2t = _i2t_means(num_i, nrm_i, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
         wn = tl.load((wnorm_ptr + t0 * LB) + c, mask=col_in, other=0.0)
         cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), eps)  # (BC, GIP)
         cos_t = tl.where(w_valid[:, None], cos_t, 0.0)
         t2i = tl.sum(tl.reshape(cos_t, (GT, LB, GIP)), axis=1) / cnt_t[:, None]  # (GT, GIP)
+        s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
+        if SPLIT and not FULL:
+            tl.debug_barrier()  # the means stored after the first pass, by other threads of this program
+            i2t = tl.load(s_at, mask=s_in, other=0.0)
         s = u1 * i2t + (1.0 - u1) * tl.trans(t2i)  # (GIP, GT)
 
         img = i0 + slot_i
@@ -367,8 +424,7 @@ def _tile_kernel(
             s = u2 * s + (1.0 - u2) * acc
         else:
             s = u2 * s  # PAIRWISE: the host adds (1 - u2) * S_global from κ and λ
-        col = tl.load(wcol_ptr + txt, mask=txt_in, other=0).to(tl.int64)
-        tl.store(S_ptr + img[:, None] * stride_sn + col[None, :] * stride_sm, s, mask=img_in[:, None] & txt_in[None, :])
+        tl.store(s_at, s, mask=s_in)
 
 
 # --------------------------------------------------------------------------- host side
