@@ -94,13 +94,13 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
             for LB in buckets:
                 rows = K if full else tiles.image_rows(K)  # the block-diagonal layout's rows per image
                 ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
-                                           pairwise=full, embed=not full, E=E_EMBED, HKP=tiles.hkp_of(H, K),
+                                           pairwise=full, embed=not full, HKP=tiles.hkp_of(H, K),
                                            dot_prec=prec)
                 sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
                            stride_vh="i64:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
-                           wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st, gi_ptr="*fp32", gt_ptr="*fp32",
-                           N="i32", Mb="i32", n_tt="i32", E="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
+                           wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st,
+                           N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")
                 for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch
                     meta = {**ce, **cfg.kwargs}
@@ -154,7 +154,8 @@ def v2_trips(build, m: dict):
         elif hgmma_in(lp):
             trips.append(next(q))
         else:
-            trips.append(-(-E_EMBED // m["BLOCK_E"]))  # the embedding global score's E loop
+            raise RuntimeError(f"v2 build: a loop without tensor-core work at depth {lp.depth} "
+                               f"({lp.body_instructions} instructions) that the trip-count mapping does not know")
     del by_addr
     return trips
 

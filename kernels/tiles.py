@@ -162,7 +162,7 @@ def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.cons
 # Sizes are not specialised (no recompile between a slice and the full grid, nor between
 # buckets of different sizes); strides of the head-major layouts stay specialised so that
 # the compiler can prove 16-byte row alignment and vectorise the tile loads.
-@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt", "E"])
+@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt"])
 def _tile_kernel(
     S_ptr, stride_sn, stride_sm,
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
@@ -175,20 +175,21 @@ def _tile_kernel(
     # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
     # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
     scratch_ptr, kap_ptr, lam_ptr,
-    # EMBED: Gi (n, E), Gt (Mb, E) fp32 (bucket order)
-    gi_ptr, gt_ptr,
-    N, Mb, n_tt, E,
+    N, Mb, n_tt,
     s_i2t, s_t2i, u1, u2, eps,
     H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
     GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
-    PAIRWISE: tl.constexpr, EMBED: tl.constexpr, BLOCK_E: tl.constexpr,
+    PAIRWISE: tl.constexpr, EMBED: tl.constexpr,
     DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
     each program walks tiles pid, pid + programs, ... (one tile each when the grid covers
-    them all; FULL needs the per-program scratch, so its grid is capped)."""
+    them all; FULL needs the per-program scratch, so its grid is capped).
+
+    EMBED: S already holds (1 - u2) times the embedding global score (:func:`launch_tiles`
+    writes it with one GEMM) and the tile adds u2 times the local score to it."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     n_it = tl.cdiv(N, GI)
@@ -350,9 +351,11 @@ def _tile_kernel(
                 # build, bf16 bucket 16: 176 -> 112 B per thread, and no spill left in either
                 # loop over the heads.
                 vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
-                i2t = _i2t_means(num_i, nrm_i, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
+                part = (u2 * u1) * _i2t_means(num_i, nrm_i, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
                 s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
-                tl.store(s_at, i2t, mask=s_in)
+                if EMBED:
+                    part += tl.load(s_at, mask=s_in, other=0.0)
+                tl.store(s_at, part, mask=s_in)
 
         if FULL:
             # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
@@ -406,24 +409,13 @@ def _tile_kernel(
         t2i = tl.sum(tl.reshape(cos_t, (GT, LB, GIP)), axis=1) / cnt_t[:, None]  # (GT, GIP)
         s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
         if SPLIT and not FULL:
-            tl.debug_barrier()  # the means stored after the first pass, by other threads of this program
-            i2t = tl.load(s_at, mask=s_in, other=0.0)
-        s = u1 * i2t + (1.0 - u1) * tl.trans(t2i)  # (GIP, GT)
-
-        img = i0 + slot_i
-        txt = t0 + tt
-        img_in = (slot_i < GI) & (img < N)
-        txt_in = txt < Mb
-        if EMBED:
-            acc = tl.zeros((GIP, GT), dtype=tl.float32)
-            for e0 in range(0, E, BLOCK_E):
-                ce = e0 + tl.arange(0, BLOCK_E)
-                gi = tl.load(gi_ptr + img[:, None] * E + ce[None, :], mask=img_in[:, None] & (ce < E)[None, :], other=0.0)
-                gt = tl.load(gt_ptr + txt[:, None] * E + ce[None, :], mask=txt_in[:, None] & (ce < E)[None, :], other=0.0)
-                acc += tl.sum(gi[:, None, :] * gt[None, :, :], axis=2)
-            s = u2 * s + (1.0 - u2) * acc
+            tl.debug_barrier()  # S as the first pass left it, written by other threads of this program
+            s = tl.load(s_at, mask=s_in, other=0.0) + (u2 * (1.0 - u1)) * tl.trans(t2i)
         else:
-            s = u2 * s  # PAIRWISE: the host adds (1 - u2) * S_global from κ and λ
+            s = u2 * (u1 * i2t + (1.0 - u1) * tl.trans(t2i))  # (GIP, GT)
+            if EMBED:
+                s += tl.load(s_at, mask=s_in, other=0.0)
+        # PAIRWISE: the host adds (1 - u2) * S_global from κ and λ afterwards
         tl.store(s_at, s, mask=s_in)
 
 
@@ -768,7 +760,8 @@ def _prune(configs, named_args, **meta):
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
              "DOT_PREC"]
-_tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY,
+# S is restored after each timed config: with EMBED the tile adds to what S holds
+_tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY, restore_value=["S_ptr"],
                               prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
 
 
@@ -781,7 +774,7 @@ def autotuned_configs() -> List[dict]:
 
 
 def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
-                    embed: bool, E: int, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+                    embed: bool, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
     """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
 
     H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
@@ -792,8 +785,7 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     GIP = triton.next_power_of_2(GI)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=max(_MIN_DOT, GIP * GT), HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
-                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed,
-                BLOCK_E=min(64, triton.next_power_of_2(max(E, 1))), DOT_PREC=dot_prec)
+                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec)
 
 
 def hkp_of(H: int, K: int) -> int:
@@ -801,13 +793,13 @@ def hkp_of(H: int, K: int) -> int:
     return triton.cdiv(H * K, QUAD_CHUNK) * QUAD_CHUNK
 
 
-def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool, E: int,
+def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
               cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
     """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``."""
     img = plan.images
     H, _, DH = img.Q.shape
     return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
-                           pairwise=plan.glob is not None, embed=embed, E=E,
+                           pairwise=plan.glob is not None, embed=embed,
                            HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows)
 
 
@@ -815,6 +807,15 @@ def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few programs, so the persistent loop is exercised
+
+
+def _embed_global(out: torch.Tensor, gi: torch.Tensor, gt: torch.Tensor, u2: float, rows: int = 256) -> None:
+    """out (N, M) = (1 - u2) · Gi Gtᵀ, the embedding global score (spec §3) that the tiles
+    add their local scores to: one GEMM on tensor cores instead of an E-long dot on CUDA
+    cores in every tile (~10 % of the acf-code tile's instructions). ``rows`` images at a
+    time bound the temporaries of the fp32 product."""
+    for lo in range(0, out.shape[0], rows):
+        out[lo:lo + rows] = _mm_fp32(gi[lo:lo + rows], gt.t()).mul_(1.0 - u2)
 
 
 def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float) -> None:
@@ -864,14 +865,14 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     img = plan.images
     N = img.n
     embed = gi is not None
-    E = gi.shape[1] if embed else 1
     dev = out.device
     H, _, DH = img.Q.shape
+    if embed:
+        _embed_global(out, gi, gt, u2)
     for b in plan.buckets:
-        meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, E=E, cols=cols, rows=rows)
+        meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, cols=cols, rows=rows)
         GI, GT = meta["GI"], meta["GT"]
         n_tt = triton.cdiv(b.Mb, GT)
-        gtb = gt.index_select(0, b.col.to(torch.long)) if embed else img.norm
         chunk = N if plan.glob is None else max(GI, (global_pairs // max(b.Mb, 1)) // GI * GI)
         for lo in range(0, N, chunk):
             hi = min(N, lo + chunk)
@@ -890,8 +891,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                     img.gam[lo:hi],
                     b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam,
                     scratch, kap, lam,
-                    gi[lo:hi] if embed else img.norm, gtb,
-                    hi - lo, b.Mb, n_tt, E, float(scale[0]), float(scale[1]), float(u1), float(u2), float(eps))
+                    hi - lo, b.Mb, n_tt, float(scale[0]), float(scale[1]), float(u1), float(u2), float(eps))
             grid = (programs,)
             if tuned:
                 _tile_tuned[grid](*args, **meta)
