@@ -44,13 +44,15 @@ def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.c
     """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e).
 
     Returns (p (BR, GT, LB) fp32 unnormalised exp2 weights, 0 at invalid columns;
-    ssum (BR, GT) fp32 segment sums, 1 where a segment has no valid column)."""
+    inv (BR, GT) fp32 the reciprocals of the segment sums, 1 where a segment has no valid
+    column). One reciprocal per segment: its users multiply, where a division per use was
+    a range check, a reciprocal and a fix-up each."""
     x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
     m = tl.max(x3, axis=2)
     m = tl.where(m == float("-inf"), 0.0, m * c)
     p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
     ssum = tl.sum(p, axis=2)
-    return p, tl.where(ssum > 0.0, ssum, 1.0)
+    return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
 
 
 @triton.jit
@@ -68,8 +70,8 @@ def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
     bool; c = s·log2(e). Segments are the GI images of the tile (K columns each, not a
     power of two, hence masked passes).
 
-    Returns (p (BC, BR) unnormalised, 0 at invalid columns; ssum (BC, GIP) segment sums,
-    1 where a segment has no valid column)."""
+    Returns (p (BC, BR) unnormalised, 0 at invalid columns; inv (BC, GIP) the reciprocals
+    of the segment sums, 1 where a segment has no valid column)."""
     xm = tl.where(valid[None, :], x, float("-inf"))
     m_el = tl.zeros_like(x)
     for g in tl.static_range(GI):
@@ -79,7 +81,7 @@ def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
         m_el = tl.where(in_g, mg[:, None], m_el)
     p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
     ssum = _seg_sum_cols(p, seg, GI, GIP)
-    return p, tl.where(ssum > 0.0, ssum, 1.0)
+    return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
 
 
 @triton.jit
@@ -289,15 +291,15 @@ def _tile_kernel(
                         # dot's operand, so its registers are free before the logits are live.
                         gw = tl.load((wgam_ptr + (t0 * H + h) * (LB * LB)) + gw_off, mask=gw_in, other=0.0)
                     x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
-                    p, ssum = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
+                    p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
                     if O_IS_Q:
                         xn = x
                     else:
                         vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                         xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
-                    num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) / ssum
+                    num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) * inv
                     if FULL or PAIRWISE:
-                        a = tl.reshape(p / ssum[:, :, None], (BR, BC))  # normalised attention A_h
+                        a = tl.reshape(p * inv[:, :, None], (BR, BC))  # normalised attention A_h
                     if FULL:
                         tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
                     else:
@@ -306,7 +308,7 @@ def _tile_kernel(
                         # instructions per pair in the offline report)
                         p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)
                         y = tl.dot(p2, gw, input_precision=DOT_PREC)
-                        nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) / (ssum * ssum)[:, :, None]
+                        nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                     if PAIRWISE:
                         # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
                         pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
@@ -323,25 +325,25 @@ def _tile_kernel(
                     if not FULL:
                         gv = tl.load((vgam_ptr + (i0 * H + h) * (K * K)) + gv_off, mask=gv_in, other=0.0)
                     xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
-                    q, qsum = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
+                    q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
                     if O_IS_Q:
                         xtn = xt
                     else:
                         wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
                         xtn = tl.dot(wo, tl.trans(vk), input_precision=DOT_PREC)
-                    num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) / qsum
+                    num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) * qinv
                     if FULL or PAIRWISE:
                         qs = tl.zeros_like(q)
                         for g in tl.static_range(GI):
-                            qg = tl.sum(tl.where(slot_i == g, qsum, 0.0), axis=1)
+                            qg = tl.sum(tl.where(slot_i == g, qinv, 0.0), axis=1)
                             qs = tl.where((img_r == g)[None, :], qg[:, None], qs)
-                        b = q / tl.where(qs > 0.0, qs, 1.0)  # normalised attention B_h (BC, BR)
+                        b = q * qs  # normalised attention B_h (BC, BR)
                     if FULL:
                         tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
                     else:
                         q2 = q.to(vk.dtype)
                         z = tl.dot(q2, gv, input_precision=DOT_PREC)
-                        nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) / (qsum * qsum)
+                        nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
                         # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
                         bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
