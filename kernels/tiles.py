@@ -297,9 +297,12 @@ def _tile_kernel(
                     else:
                         vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                         xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
-                    num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) * inv
                     if FULL or PAIRWISE:
-                        a = tl.reshape(p * inv[:, :, None], (BR, BC))  # normalised attention A_h
+                        a3 = p * inv[:, :, None]
+                        num_i += tl.sum(a3 * tl.reshape(xn, (BR, GT, LB)), axis=2)
+                        a = tl.reshape(a3, (BR, BC))  # normalised attention A_h
+                    else:
+                        num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) * inv
                     if FULL:
                         tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
                     else:
