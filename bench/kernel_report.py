@@ -10,6 +10,9 @@ cores in v1), and one record per configuration says what the GPU would run:
 
 - ``registers``, ``spill_bytes`` (STL bytes in SASS: spills never show in PTX),
   ``stack_bytes``, ``shared_bytes``;
+- ``spill_instructions_per_pair``: the spill loads and stores a program issues (loop bodies ×
+  trip counts, like the instructions below) per pair: a few once per tile cost little, a few
+  in a loop over the heads cost eight times per tile and per warp;
 - ``wgmma``: every main dot is a warp-group MMA (the κ/λ dots of the pairwise global
   score, 32 rows, and v1's per-pair dots are not main dots of a tile);
 - ``warp_instructions_per_pair``: SASS instructions one warp issues per program
@@ -286,6 +289,7 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
                "loops": [lp._asdict() for lp in build.loops], "compile_seconds": build.compile_seconds,
                "triton": build.triton_version, **extra}
         rec["warp_instructions_per_pair"] = None
+        rec["spill_instructions_per_pair"] = None
         rec["tensor_core_macs_per_pair"] = None
         rec["note"] = ("per-pair counts not derived: fp32 dots on CUDA cores (no tensor-core work to check the "
                        "trip-count mapping against)")
@@ -300,6 +304,7 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
                                f"{macs} tensor-core MACs per program, the design {expected_macs}: "
                                f"loops {[(lp.depth, lp.body_instructions) for lp in build.loops]}")
         rec["warp_instructions_per_pair"] = rec["warp_instructions"] * build.num_warps / pairs
+        rec["spill_instructions_per_pair"] = rec["spill_instructions"] * build.num_warps / pairs
         rec["design_mma_macs_per_pair"] = expected_macs / pairs
         rec["tensor_core_macs_per_pair"] = macs / pairs
     rec["spill_bytes"] = build.spill_store_bytes
@@ -330,15 +335,17 @@ def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("
 
 
 def markdown(report: dict) -> str:
-    rows = ["| kernel | variant | dtype | bucket | warps / stages | head passes | registers | spill B | shared KiB | "
-            "wgmma | warp-instr / pair | useful / padded MACs | tensor-core MACs / pair |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    rows = ["| kernel | variant | dtype | bucket | warps / stages | head passes | registers | spill B | "
+            "spill instr / pair | shared KiB | wgmma | warp-instr / pair | useful / padded MACs | "
+            "tensor-core MACs / pair |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in report["records"]:
         wi = r["warp_instructions_per_pair"]
+        si = r.get("spill_instructions_per_pair")
         tc = r["tensor_core_macs_per_pair"]
         rows.append(f"| {r['version']} | {r['variant']} | {r['dtype']} | {r['bucket']} | {r['num_warps']} / "
                     f"{r['num_stages']} | {r.get('head_passes', 1)} | {r['registers']} | {r['spill_bytes']} | "
-                    f"{r['shared_bytes'] / 1024:.0f} | "
+                    f"{'-' if si is None else f'{si:.0f}'} | {r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
                     f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} |")
     return "\n".join(rows)

@@ -553,7 +553,9 @@ def dynamic_mma_macs(build: OfflineBuild, trip_counts) -> int:
 def report_record(build: OfflineBuild, trip_counts, **extra) -> dict:
     """One JSON-able record of ``build`` (no SASS/IR text) for bench/kernel_report.py.
 
-    ``warp_instructions`` is :func:`dynamic_instructions` (per warp of one program), ``mma_macs``
+    ``warp_instructions`` is :func:`dynamic_instructions` (per warp of one program),
+    ``spill_instructions`` the same count of local-memory loads and stores alone (spills: where
+    they sit, in a hot loop or once per program, decides what they cost), ``mma_macs``
     :func:`dynamic_mma_macs` (per program); ``extra`` adds
     the caller's fields (variant, dtype, pairs per program...) and may not overwrite computed ones.
     """
@@ -569,6 +571,7 @@ def report_record(build: OfflineBuild, trip_counts, **extra) -> dict:
         "loops": [lp._asdict() for lp in build.loops], "trip_counts": trips,
         "wait_loops": [lp._asdict() for lp in build.wait_loops],
         "warp_instructions": dynamic_instructions(build, trips), "mma_macs": dynamic_mma_macs(build, trips),
+        "spill_instructions": dynamic_instructions(build, trips, opcodes=("LDL", "STL")),
         "compile_seconds": build.compile_seconds, "triton": build.triton_version, "ptxas": build.ptxas_version,
     }
     clash = sorted(set(extra) & set(rec))

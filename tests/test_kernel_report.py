@@ -47,9 +47,19 @@ def test_acf_code_bf16_under_its_instruction_target(records):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "acf-code", "bf16")]
 
 
-@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.1-0.7 KB per thread (acf-code 176 B in its leanest "
-                                       "configuration, paper 0.6-0.7 KB; largest share: the regions -> words accumulators, "
-                                       "replicated across each quad of threads): open")
+def test_two_pass_acf_code_tiles_spend_under_one_percent_of_their_instructions_on_spills(records):
+    """What spills are left in the tiles a GPU tries first sit once per tile or a few per head:
+    the regions -> words means no longer stay live through the second pass (they did: 1.07 %
+    at bucket 16, 72 spill instructions per tile and 23 in every head)."""
+    for (v, _, _, passes), r in records.items():
+        if v == "acf-code" and passes == 2:
+            assert r["spill_instructions_per_pair"] <= 0.01 * r["warp_instructions_per_pair"], \
+                f"stages {r['num_stages']}: {r['spill_instructions_per_pair']:.0f} of {r['warp_instructions_per_pair']:.0f}"
+
+
+@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.15-0.9 KB per thread (acf-code 152 B in its leanest "
+                                       "configuration at bucket 16, none at 32; the one-pass tile 436 B, paper 0.7-0.9 KB, "
+                                       "much of it in paper's loop over the heads): open")
 def test_no_shipped_configuration_spills(records):
     for r in records.values():
         assert r["spill_bytes"] == 0, f"{r['variant']} bucket {r['bucket']} stages {r['num_stages']}: {r['spill_bytes']} B"

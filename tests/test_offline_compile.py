@@ -156,6 +156,10 @@ def test_spills_are_seen_in_sass_and_a_small_tile_has_none(builds):
     assert ".local" not in big.ptx                    # PTX never shows spills: they come from ptxas
     assert small.spill_stores == small.spill_loads == small.stack_bytes == small.spill_store_bytes == 0
     assert big.dots_total == small.dots_total == 0 and not big.wgmma
+    # the record counts the spill instructions a program issues (no loops here: each once)
+    assert not big.loops
+    assert report_record(big, [])["spill_instructions"] == big.spill_stores + big.spill_loads > 0
+    assert report_record(small, [])["spill_instructions"] == 0
 
 
 def test_record_is_json_and_refuses_wrong_loop_counts(builds):
