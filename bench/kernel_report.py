@@ -14,7 +14,7 @@ cores in v1), and one record per configuration says what the GPU would run:
   trip counts, like the instructions below) per pair: a few once per tile cost little, a few
   in a loop over the heads cost eight times per tile and per warp;
 - ``wgmma``: every main dot is a warp-group MMA (the κ/λ dots of the pairwise global
-  score, 32 rows, and v1's per-pair dots are not main dots of a tile);
+  score and their row sums, 64 rows, and v1's per-pair dots are not main dots of a tile);
 - ``warp_instructions_per_pair``: SASS instructions one warp issues per program
   (loop bodies × trip counts) × warps per program / pairs per program;
 - ``useful_macs_per_pair``: spec §8 count at COCO's mean valid sizes (K = 36, L = 14);
@@ -113,22 +113,31 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
     return out
 
 
-def v2_expected_macs(m: dict) -> int:
+def v2_expected_macs(m: dict, num_warps: int) -> int:
     """Tensor-core multiply-adds of one v2 program (one tile), from the kernel's structure
-    (tf32x3 runs every product three times)."""
+    (tf32x3 runs every product three times).
+
+    A wgmma dot whose result feeds another dot gets all warps along M from Triton, so one
+    with PP = 64 rows (one warp group's) is computed by every warp group: the pairwise
+    global score's row sums (they feed κ and λ)."""
     BR, BC, DHp, Hh = m["BR"], m["BC"], m["DH"], m["H"]
+    k = 3 if m["DOT_PREC"] == "tf32x3" else 1
     per_head = 2 * BR * BC * DHp  # the two logits products
     if not m["O_IS_Q"]:
         per_head += 2 * BR * BC * DHp
     if not m["FULL"]:
         per_head += BR * BC * BC + BC * BR * BR  # A·Γw, B·Γv (the Γ blocks are read, computed once per item)
-    if m["PAIRWISE"]:
-        per_head += m["PP"] * BC * DHp + m["PP"] * BR * DHp  # κ, λ
-    total = Hh * per_head
+    total = Hh * per_head * k
     if m["FULL"]:
         HL = Hh * m["LB"]
-        total += m["GT"] * BR * HL * HL + m["GI"] * BC * m["HKP"] * m["HKP"]
-    return total * (3 if m["DOT_PREC"] == "tf32x3" else 1)
+        total += (m["GT"] * BR * HL * HL + m["GI"] * BC * m["HKP"] * m["HKP"]) * k
+    if m["PAIRWISE"]:
+        PP = m["PP"]
+        kappa_lambda = PP * BC * DHp + PP * BR * DHp
+        # A's rows summed per image, B's per text: dots except under tf32x3 (masked sums)
+        row_sums = 0 if k == 3 else PP * BR * BC + PP * BC * BR
+        total += Hh * (k * kappa_lambda + max(1, 16 * num_warps // PP) * row_sums)
+    return total
 
 
 def v2_trips(build, m: dict):
@@ -173,7 +182,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         m = r["meta"]
         pairs = m["GI"] * m["GT"]
         rows_per_image = m["BR"] / m["GI"]
-        rec = _record(b, v2_trips(b, m), v2_expected_macs(m), pairs, r,
+        rec = _record(b, v2_trips(b, m), v2_expected_macs(m, b.num_warps), pairs, r,
                       padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
         rec["head_passes"] = 2 if m["SPLIT"] else 1
@@ -309,8 +318,9 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["tensor_core_macs_per_pair"] = macs / pairs
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
-    aux = 2 * (3 if m.get("DOT_PREC") == "tf32x3" else 1) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
-    main_dots = build.dots_total - aux  # κ/λ (32-row dots, 3 each under tf32x3) are not main dots
+    # κ/λ (PP-row dots, 3 each under tf32x3) and their row sums (dots except under tf32x3) are not main dots
+    aux = (6 if m.get("DOT_PREC") == "tf32x3" else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    main_dots = build.dots_total - aux
     rec["main_dots"] = main_dots
     rec["wgmma"] = build.dots_wgmma >= main_dots > 0
     rec["useful_macs_per_pair"] = pair_macs(K, L_useful, D, H, variant)

@@ -152,6 +152,59 @@ def _tile_coords(tile, n_it, n_tt, GI: tl.constexpr, GT: tl.constexpr, GROUP_I: 
 
 
 @triton.jit
+def _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, ST: tl.constexpr, PP: tl.constexpr, GI: tl.constexpr,
+                          GIP: tl.constexpr, GT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a (BR, BC) fp32 -> (PP, BC) fp32: row (g, j) holds the mean of a over image g's valid
+    rows on text j's columns, 0 elsewhere. bf16/fp16 storage (ST) and tf32: one dot with the
+    pairs' 0/1 image rows (a rounded to ST, as its scratch copy is); tf32x3: masked
+    column sums (the dot's fp32 operands doubled the spill instructions of the offline sm_90
+    build)."""
+    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+    if DOT_PREC == "tf32x3":
+        slot = tl.arange(0, GIP)
+        out = tl.zeros((PP, a.shape[1]), dtype=tl.float32)
+        for g in tl.static_range(GI):
+            colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
+            cg = tl.sum(tl.where(slot == g, cnt_i, 0.0), axis=0)
+            out = tl.where((pg == g)[:, None] & (txt_c[None, :] == pj[:, None]), (colsum / cg)[None, :], out)
+        return out
+    ind = ((pg[:, None] == img_r[None, :]) & v_valid[None, :] & p_in[:, None]).to(ST)
+    colsum = tl.dot(ind, a.to(ST), input_precision=DOT_PREC)
+    return tl.where(txt_c[None, :] == pj[:, None], colsum * _slot_values(1.0 / cnt_i, pg, GI, GIP)[:, None], 0.0)
+
+
+@triton.jit
+def _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, ST: tl.constexpr, PP: tl.constexpr, GIP: tl.constexpr,
+                         GT: tl.constexpr, LB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """b (BC, BR) fp32 -> (PP, BR) fp32: row (g, j) holds the mean of b over text j's valid
+    rows on image g's columns, 0 elsewhere (see :func:`_image_means_per_pair`)."""
+    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+    if DOT_PREC == "tf32x3":
+        BR: tl.constexpr = b.shape[1]
+        tt = tl.arange(0, GT)
+        bbar = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1) / cnt_t[:, None]
+        out = tl.zeros((PP, BR), dtype=tl.float32)
+        for j in tl.static_range(GT):
+            rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)
+            out = tl.where((pj == j)[:, None] & (img_r[None, :] == pg[:, None]), rowj[None, :], out)
+        return out
+    ind = ((pj[:, None] == txt_c[None, :]) & w_valid[None, :] & p_in[:, None]).to(ST)
+    rowsum = tl.dot(ind, b.to(ST), input_precision=DOT_PREC)
+    return tl.where(img_r[None, :] == pg[:, None], rowsum * _slot_values(1.0 / cnt_t, pj, GT, GT)[:, None], 0.0)
+
+
+@triton.jit
+def _slot_values(vals, idx, G: tl.constexpr, GP: tl.constexpr):
+    """vals (GP,) fp32 per slot, idx (R,) int32 slot of each row -> (R,): vals[idx] (0 for
+    idx >= G)."""
+    slot = tl.arange(0, GP)
+    out = tl.zeros(idx.shape, dtype=tl.float32)
+    for g in tl.static_range(G):
+        out = tl.where(idx == g, tl.sum(tl.where(slot == g, vals, 0.0), axis=0), out)
+    return out
+
+
+@triton.jit
 def _pair_rows_mask(PP: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr):
     """Row pr of the (PP, ·) pair block is pair (image slot pr // GT, text slot pr % GT)."""
     pr = tl.arange(0, PP)
@@ -232,7 +285,8 @@ def _tile_kernel(
 
     for tile in range(pid, n_tiles, n_prog):
         i0, t0 = _tile_coords(tile, n_it, n_tt, GI, GT, GROUP_I)
-        row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c, GI, K, LB)
+        row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c,
+                                                       GI, K, LB)
         w_valid3 = tl.reshape(w_valid, (1, GT, LB))
         gw_in = same_txt & col_in[:, None]
         gv_in = same_img & row_in[:, None]
@@ -314,13 +368,8 @@ def _tile_kernel(
                         nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                     if PAIRWISE:
                         # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
-                        pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-                        ablk = tl.zeros((PP, BC), dtype=tl.float32)
-                        for g in tl.static_range(GI):
-                            colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
-                            cg = tl.sum(tl.where(slot_i == g, cnt_i, 0.0), axis=0)
-                            pick = (pg == g)[:, None] & (txt_c[None, :] == pj[:, None])
-                            ablk = tl.where(pick, (colsum / cg)[None, :], ablk)
+                        ablk = _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, wk.dtype, PP, GI, GIP, GT,
+                                                     DOT_PREC)
                         kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
                         _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
                 if ps == 1 or not SPLIT:
@@ -349,14 +398,8 @@ def _tile_kernel(
                         nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
                         # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
-                        bsum = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)  # (GT, BR)
-                        bbar = bsum / cnt_t[:, None]
-                        pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-                        bblk = tl.zeros((PP, BR), dtype=tl.float32)
-                        for j in tl.static_range(GT):
-                            rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)  # (BR,)
-                            pick = (pj == j)[:, None] & (img_r[None, :] == pg[:, None])
-                            bblk = tl.where(pick, rowj[None, :], bblk)
+                        bblk = _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, vk.dtype, PP, GIP, GT, LB,
+                                                    DOT_PREC)
                         lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
                         _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
             if ps == 0 and SPLIT and not FULL:
@@ -453,6 +496,10 @@ TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
 MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows with GI
 BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
 QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
+# Rows of the pairwise κ/λ dots (GIP·GT pairs, padded): one warp group's wgmma. Not under
+# tf32x3, whose three chained products per dot replicate a 64-row dot over the warp groups
+# (offline sm_90 build: +4 % instructions per pair, +30 % spill instructions).
+PAIR_ROWS = 64
 # Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
 # (full Γ is (n, H*T, H*T) fp32: 2 MiB per text at L = 32) while the tile layout fills.
 PREP_CHUNK = 1024
@@ -802,8 +849,9 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     BC = max(cols, LB)
     GT = BC // LB
     GIP = triton.next_power_of_2(GI)
+    PP = max(_MIN_DOT if dot_prec == "tf32x3" else PAIR_ROWS, GIP * GT)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
-                PP=max(_MIN_DOT, GIP * GT), HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
+                PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec)
 
 
