@@ -167,6 +167,11 @@ def data_fingerprint(folder, split: str) -> list:
     return out
 
 
+def scoring_settings(backend: str, precision: str, device: torch.device, text_chunk: int) -> dict:
+    """The settings a split's scores depend on, as its fingerprint and the run's info record them."""
+    return {"backend": backend, "precision": precision, "device": device.type, "text_chunk": text_chunk}
+
+
 def split_fingerprint(model, folder, split: str, settings: dict) -> dict:
     """What a split's scores depend on: ``settings`` (backend, precision, ...), the model's
     weights, the split's files and this package's version (the key of saved results)."""
@@ -299,7 +304,7 @@ def score_split(
     words, word_mask, M = opened.words, opened.word_mask, opened.data.num_captions
     work = Path(work) if work is not None else default_work(opened.checkpoint, split)
     text_chunk = text_chunk or default_text_chunk(dev)
-    settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
+    settings = scoring_settings(backend, precision, dev, text_chunk)
     cache = ChunkCache(work, split_fingerprint(model, folder, split, settings), (data.num_images, M),
                        chunk_rows=chunk_images)
     texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)

@@ -766,7 +766,7 @@ def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any",
     SCAN-layout split, with the model as the block scorer (:class:`ACFBlockScorer`) and its
     text vectors for ``embedding`` neighbours. Progress is saved under ``work`` (default
     :func:`default_stream_work`) and a rerun resumes. Returns (result dict, scoring info)."""
-    from .scoring import default_text_chunk, encode_texts, open_split, split_fingerprint
+    from .scoring import default_text_chunk, encode_texts, open_split, scoring_settings, split_fingerprint
 
     if opts.get("rerank") and opts.get("neighbors") == "profile":
         raise ValueError(PROFILE_REFUSAL)
@@ -777,7 +777,7 @@ def stream_split(checkpoint, folder, split: str = "test", protocol: str = "any",
     text_chunk = text_chunk or default_text_chunk(dev)
     texts = encode_texts(model, words, word_mask, dev, precision=precision, text_chunk=text_chunk)
     scorer = ACFBlockScorer(model, data, texts, dev, backend=backend, precision=precision, chunk_images=chunk_images)
-    settings = {"backend": backend, "precision": precision, "device": dev.type, "text_chunk": text_chunk}
+    settings = scoring_settings(backend, precision, dev, text_chunk)
     fingerprint = split_fingerprint(model, folder, split, settings)
     if work is None and opened.checkpoint is not None:
         work = default_stream_work(opened.checkpoint, split)
