@@ -256,14 +256,20 @@ def topk_along(S: torch.Tensor, k: int, axis: int, budget_bytes: int = DEFAULT_B
     return out
 
 
-def order_keys(X: torch.Tensor) -> torch.Tensor:
-    """int64 keys of X (R, L) (float32 or narrower) that order like (value desc, index asc): larger = earlier."""
-    X = X.to(torch.float32) + 0.0  # -0.0 + 0.0 = +0.0, so both zeros get one key
-    bits = X.contiguous().view(torch.int32)
+def value_keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """int64 keys of scores x (float32 or narrower) at item indices ``ids`` (int64, broadcast
+    with x) of lines of ``length`` items: larger key = earlier in the line (value desc, index asc)."""
+    x = x.to(torch.float32) + 0.0  # -0.0 + 0.0 = +0.0, so both zeros get one key
+    bits = x.contiguous().view(torch.int32)
     # Order-preserving map of IEEE bits to signed ints: negatives flip their magnitude bits.
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (bits << 32) | (length - 1 - ids)
+
+
+def order_keys(X: torch.Tensor) -> torch.Tensor:
+    """int64 keys of X (R, L) (float32 or narrower) that order like (value desc, index asc): larger = earlier."""
     L = X.shape[1]
-    return (bits << 32) | (L - 1 - torch.arange(L, device=X.device, dtype=torch.int64))
+    return value_keys(X, torch.arange(L, device=X.device, dtype=torch.int64), L)
 
 
 def _count_direct(X: torch.Tensor, ql: torch.Tensor, qi: torch.Tensor, budget_bytes: int) -> torch.Tensor:

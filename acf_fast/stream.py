@@ -53,7 +53,7 @@ from .evaluate import (_apply_heads, _check_rerank_inputs, _rsum, protocol_folds
                        summarize_ranks)
 # SURVIVOR_MAX_FRACTION: the fraction of a tile past which _count_lines' survivors give way to a search per item
 from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
-                      topk_lines)
+                      topk_lines, value_keys)
 from .rerank import _reorder, neighbors_of_checked
 from .stream_state import EVERY_S, STAGES, StreamState
 from .validate import check_txt2img
@@ -181,15 +181,6 @@ def _before_targets(X: torch.Tensor, dim: int, v: torch.Tensor, ti: torch.Tensor
     return out
 
 
-def _keys(x: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
-    """int64 keys of scores x (float32 or narrower) at item indices ``ids`` (broadcast with
-    x) of lines of ``length`` items: larger key = earlier in the line (value desc, index
-    asc), as :func:`acf_fast.ranking.order_keys` with global indices."""
-    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 and +0.0 get one key
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return (bits << 32) | (length - 1 - ids)
-
-
 def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql: torch.Tensor, qv: torch.Tensor,
                  qi: torch.Tensor) -> torch.Tensor:
     """Items of the lines of tile X (R, C) before each query: lines are rows (axis=1) or
@@ -198,7 +189,7 @@ def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql:
     lines of ``length`` items. Returns (Q,) long counts within this tile.
 
     float32 or narrower: items are keyed (value desc, index asc) by one int64
-    (:func:`_keys`). Survivors (tried first): only items scoring at least their line's
+    (:func:`.value_keys`). Survivors (tried first): only items scoring at least their line's
     lowest query can be before any query (re-ranking queries sit near the top of their
     lines, so few survive); they and the queries are sorted by (line, key) together and
     each query's count read off its place. Otherwise every item is searched among its
@@ -214,14 +205,14 @@ def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql:
             out[sl] = _count_by_threshold(X[ql[sl]], qv[sl][:, None].to(X.dtype), qi[sl][:, None], ids[None, :], 1)
         return out
     R = X.shape[0] if axis == 1 else X.shape[1]
-    qk = _keys(qv, qi, length)
+    qk = value_keys(qv, qi, length)
     low = torch.full((R,), float("inf"), dtype=X.dtype, device=X.device).scatter_reduce(0, ql, qv.to(X.dtype), "amin")
     keep = X >= (low[:, None] if axis == 1 else low[None, :])
     n_keep = int(torch.count_nonzero(keep))
     if n_keep <= SURVIVOR_MAX_FRACTION * X.numel():
         nz = keep.nonzero()
         el, ej = (nz[:, 0], nz[:, 1]) if axis == 1 else (nz[:, 1], nz[:, 0])
-        ek = _keys(X[nz[:, 0], nz[:, 1]], ids[ej], length)
+        ek = value_keys(X[nz[:, 0], nz[:, 1]], ids[ej], length)
         # survivors first, then queries; stable sorts by key, then line: a query's own item
         # (equal key) lands before it, and whatever follows it in its line is before it.
         lines, keys = torch.cat([el, ql]), torch.cat([ek, qk])
@@ -243,7 +234,7 @@ def _count_lines(X: torch.Tensor, axis: int, ids: torch.Tensor, length: int, ql:
     table = torch.full((R, width), _INT64_MAX, dtype=torch.int64, device=X.device)
     table[ls, slot] = qk[o]
     # b = number of the line's query keys below the item's key: the item is before query j iff j < b
-    b = torch.searchsorted(table, _keys(X, ids[None, :], length))
+    b = torch.searchsorted(table, value_keys(X, ids[None, :], length))
     b += torch.arange(R, device=X.device)[:, None] * (width + 1)
     hist = torch.bincount(b.view(-1), minlength=R * (width + 1)).view(R, width + 1)
     before = hist.sum(1, keepdim=True) - torch.cumsum(hist, 1)
@@ -259,7 +250,7 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, axis: in
     indices ``ids`` (ascending) in lines of ``length`` items. Returns the new (vals, idx).
 
     Once every list is full, only items scoring at least their line's k-th can enter:
-    those survivors and the lists are sorted together by (line, key) (:func:`_keys`),
+    those survivors and the lists are sorted together by (line, key) (:func:`.value_keys`),
     with no top-k over the tile (a torch.topk over short columns costs ~5x a pass);
     a dense top-k merge otherwise (first tiles, float64, too many survivors)."""
     n_lines = X.shape[0] if axis == 1 else X.shape[1]
@@ -272,7 +263,7 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, axis: in
             allv = torch.cat([vals.reshape(-1), X[nz[:, 0], nz[:, 1]]])
             alli = torch.cat([idx.reshape(-1), ids[ej]])
             alll = torch.cat([torch.arange(n_lines, device=X.device).repeat_interleave(k), el])
-            o = torch.sort(_keys(allv, alli, length), descending=True, stable=True).indices
+            o = torch.sort(value_keys(allv, alli, length), descending=True, stable=True).indices
             o = o[torch.sort(alll[o], stable=True).indices]  # by line, best first inside
             counts = torch.bincount(alll, minlength=n_lines)
             take = o[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=X.device)[None, :]]
