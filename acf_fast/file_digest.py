@@ -52,7 +52,6 @@ def file_sha256(path) -> str:
     return digest
 
 
-
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """A tensor's content as raw bytes (CPU, contiguous): what its digests hash."""
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -48,9 +48,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .file_digest import tensors_sha256
 from .evaluate import (_apply_heads, _check_rerank_inputs, _rsum, protocol_folds, protocol_result, protocol_spec,
                        summarize_ranks)
+from .file_digest import tensors_sha256
 # SURVIVOR_MAX_FRACTION: the fraction of a tile past which _count_lines' survivors give way to a search per item
 from .ranking import (_INT64_MAX, SURVIVOR_MAX_FRACTION, _count_by_threshold, check_cap, check_k, rank_order,
                       topk_lines, value_keys)

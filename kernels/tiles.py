@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -271,8 +271,8 @@ def _tile_kernel(
     slot_i = tl.arange(0, GIP)
     tt = tl.arange(0, GT)
     w_head = Mb * LB * DH
-    c_i2t = s_i2t * 1.4426950408889634
-    c_t2i = s_t2i * 1.4426950408889634
+    c_i2t = s_i2t * LOG2E
+    c_t2i = s_t2i * LOG2E
     v_off = r[:, None] * DH + d[None, :]  # int32, within a tile
     w_off = c[:, None] * DH + d[None, :]
     # block-diagonal Γ tiles: offsets of the text / image Gram blocks (int32, within a tile)
@@ -292,13 +292,12 @@ def _tile_kernel(
         gv_in = same_img & row_in[:, None]
         v_first = i0 * (K * DH)  # int64 element offset of the tile's first region row
         w_first = t0 * (LB * DH)
-        # valid query rows per (image slot) and per (text slot): the means' denominators
+        # valid query rows per image slot: the regions -> words means' denominators
         kk = tl.arange(0, KP)
         g_in = (slot_i < GI) & (slot_i < (N - i0).to(tl.int32))
         m2 = tl.load((vmask_ptr + i0 * K) + slot_i[:, None] * K + kk[None, :], mask=g_in[:, None] & (kk < K)[None, :],
                      other=0)
         cnt_i = tl.maximum(tl.sum((m2 != 0).to(tl.float32), axis=1), 1.0)
-        cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
 
         num_i = tl.zeros((BR, GT), dtype=tl.float32)
         # quad partials (_quad_partials): offline sm_90 build, bf16: -2 % instructions per
@@ -321,6 +320,7 @@ def _tile_kernel(
                 row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c,
                                                                GI, K, LB)
                 gv_in = same_img & row_in[:, None]
+            if ps == 1 or not SPLIT:  # valid tokens per text slot: the words -> regions means' denominators
                 cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
             for h in range(H):
                 # a scalar int64 base + int32 in-tile offsets: the offsets are loop invariants,
