@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/gpu_check.py --quick        # smaller grid, no full-grid failure
     PYTHONPATH=. python bench/gpu_check.py --smoke        # CPU, Triton interpreter, tiny shapes
 
-For each variant (acf-code, paper) × storage (bf16, fp32 via tf32x3), at the COCO 5K
+For each variant (acf-code, paper) × storage (bf16, fp32 via f16x3), at the COCO 5K
 shape (N = 5,000 images of K = 36 regions, M = 25,000 captions of COCO-like lengths
 ≤ 32 wordpieces, D = 1024, H = 8), inputs drawn on the GPU:
 
@@ -197,7 +197,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
     dtype = DTYPES[dname]
     N, M, K, l_max, D, H, check_nm, ref_nm, slice_nm, v1_nm, torch_nm, eager_nm, masked = shape
     rec = {"variant": variant, "dtype": dname, "N": N, "M": M, "K": K, "L_max": l_max, "D": D, "H": H,
-           "fp32_dots": "tf32x3" if dtype == torch.float32 else None, "failures": [], "notes": []}
+           "fp32_dots": "f16x3" if dtype == torch.float32 else None, "failures": [], "notes": []}
     case, k_valid, l_valid = make_case(variant, N, M, K=K, l_max=l_max, D=D, H=H, dtype=dtype, device=device,
                                        seed=args.seed, masked_images=masked)
     rec["L_mean"] = float(l_valid.float().mean())

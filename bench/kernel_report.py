@@ -5,7 +5,7 @@
 No GPU needed: each configuration of the similarity kernels is compiled for Hopper with
 ``bench/offline_compile.py`` (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) at the
 COCO shape (K = 36 regions, text buckets of 16 and 32 tokens, D = 1024, H = 8), for both
-variants and both storage paths (bf16; fp32, whose dots are tf32x3 in v2 and IEEE on CUDA
+variants and both storage paths (bf16; fp32, held as fp16 pairs whose dots are f16x3 in v2, IEEE on CUDA
 cores in v1), and one record per configuration says what the GPU would run:
 
 - ``registers``, ``spill_bytes`` (STL bytes in SASS: spills never show in PTX),
@@ -92,8 +92,10 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
     for variant in variants:
         full = variant == "paper"
         for dname in dtypes:
-            st = "*bf16" if dname == "bf16" else "*fp32"
-            prec = "tf32" if dname == "bf16" else "tf32x3"
+            # fp32 tiles are held as fp16 pairs (f16x3 dots, tiles.plan_tiles); κ / λ come back in fp32
+            st = "*bf16" if dname == "bf16" else "*fp16"
+            prec = "tf32" if dname == "bf16" else "f16x3"
+            kl = "*fp32" if dname == "fp32" else st
             for LB in buckets:
                 rows = K if full else tiles.image_rows(K)  # the block-diagonal layout's rows per image
                 ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
@@ -102,7 +104,8 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                 sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
                            stride_vh="i64:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
-                           wgam_ptr=st, scratch_ptr=st, kap_ptr=st, lam_ptr=st,
+                           wgam_ptr=st, scratch_ptr=st, kap_ptr=kl, lam_ptr=kl,
+                           lo_v="i32", lo_w="i32", lo_gv="i32", lo_gw="i32",
                            N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")
                 for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch
@@ -115,13 +118,13 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
 
 def v2_expected_macs(m: dict, num_warps: int) -> int:
     """Tensor-core multiply-adds of one v2 program (one tile), from the kernel's structure
-    (tf32x3 runs every product three times).
+    (f16x3, the fp32 path, runs every product three times).
 
     A wgmma dot whose result feeds another dot gets all warps along M from Triton, so one
     with PP = 64 rows (one warp group's) is computed by every warp group: the pairwise
     global score's row sums (they feed κ and λ)."""
     BR, BC, DHp, Hh = m["BR"], m["BC"], m["DH"], m["H"]
-    k = 3 if m["DOT_PREC"] == "tf32x3" else 1
+    k = 3 if m["DOT_PREC"] == "f16x3" else 1
     per_head = 2 * BR * BC * DHp  # the two logits products
     if not m["O_IS_Q"]:
         per_head += 2 * BR * BC * DHp
@@ -134,7 +137,7 @@ def v2_expected_macs(m: dict, num_warps: int) -> int:
     if m["PAIRWISE"]:
         PP = m["PP"]
         kappa_lambda = PP * BC * DHp + PP * BR * DHp
-        # A's rows summed per image, B's per text: dots except under tf32x3 (masked sums)
+        # A's rows summed per image, B's per text: dots except under f16x3 (masked sums)
         row_sums = 0 if k == 3 else PP * BR * BC + PP * BC * BR
         total += Hh * (k * kappa_lambda + max(1, 16 * num_warps // PP) * row_sums)
     return total
@@ -186,6 +189,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
                       padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
         rec["head_passes"] = 2 if m["SPLIT"] else 1
+        rec["dots"] = "bf16" if r["dtype"] == "bf16" else m["DOT_PREC"]
         recs.append(rec)
     return recs
 
@@ -318,8 +322,8 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["tensor_core_macs_per_pair"] = macs / pairs
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
-    # κ/λ (PP-row dots, 3 each under tf32x3) and their row sums (dots except under tf32x3) are not main dots
-    aux = (6 if m.get("DOT_PREC") == "tf32x3" else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots
+    aux = (6 if m.get("DOT_PREC") == "f16x3" else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
     main_dots = build.dots_total - aux
     rec["main_dots"] = main_dots
     rec["wgmma"] = build.dots_wgmma >= main_dots > 0
@@ -353,7 +357,8 @@ def markdown(report: dict) -> str:
         wi = r["warp_instructions_per_pair"]
         si = r.get("spill_instructions_per_pair")
         tc = r["tensor_core_macs_per_pair"]
-        rows.append(f"| {r['version']} | {r['variant']} | {r['dtype']} | {r['bucket']} | {r['num_warps']} / "
+        dt = r["dtype"] if r.get("dots", "bf16") == "bf16" else f"{r['dtype']} ({r['dots']})"
+        rows.append(f"| {r['version']} | {r['variant']} | {dt} | {r['bucket']} | {r['num_warps']} / "
                     f"{r['num_stages']} | {r.get('head_passes', 1)} | {r['registers']} | {r['spill_bytes']} | "
                     f"{'-' if si is None else f'{si:.0f}'} | {r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "

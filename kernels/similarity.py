@@ -8,11 +8,16 @@ launches), the ``torch.autograd.Function`` and the backend entry
 benchmarks time exactly what users call.
 
 Precision. fp16 / bf16 inputs are stored as they are and every product accumulates in
-fp32 on tensor cores (≤ 5e-3, spec §9). fp32 inputs (and float64, scored in fp32) take
-``input_precision="tf32x3"``: three tf32 products per dot on tensor cores, measured at
-2–3e-7 relative error per dot on an H200 (bench/results/gpu/*probe.json), so the 1e-4
-contract holds without CUDA-core dots; ``allow_tf32=True`` takes one tf32 product per
-dot instead (~8e-4 per dot: its own, looser tolerance).
+fp32 on tensor cores (≤ 5e-3, spec §9). fp32 inputs (and float64, scored in fp32) keep
+~22 bits per product on tensor cores, so the 1e-4 contract holds without CUDA-core dots:
+the tiles hold them as fp16 pairs, x = hi + lo/2048 after a power-of-two scaling per
+side (``tiles.split16_planes``), and every product is three fp16 products ("f16x3": the
+split that ``input_precision="tf32x3"`` makes, measured at 2–3e-7 relative error per dot
+on an H200, bench/results/gpu/*probe.json, but at fp16's tensor-core rate, twice tf32's,
+and split once on the host instead of in registers: the offline sm_90 build of the tile
+issues ~40 % fewer instructions per pair and spills less than half as much,
+bench/results/kernels/). ``allow_tf32=True`` takes one tf32 product per dot instead
+(~8e-4 per dot: its own, looser tolerance).
 
 Backward: :class:`TritonSimilarityFunction` stores only its inputs; its backward
 recomputes S block by block with the ``torch`` backend (``acf_fast.fused_torch``)
@@ -48,7 +53,7 @@ def dot_precision(st: torch.dtype, allow_tf32: bool) -> str:
     """tl.dot input precision for storage dtype ``st`` (see the module docstring)."""
     if st != torch.float32:
         return "tf32"  # ignored for fp16 / bf16 operands
-    return "tf32" if allow_tf32 else "tf32x3"
+    return "tf32" if allow_tf32 else "f16x3"
 
 
 @torch.library.custom_op("acf_fast::fused_similarity", mutates_args=())
@@ -65,10 +70,10 @@ def _fused_similarity(
     f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
 
     def tiles(V, v_mask, W, w_mask, *, scale, G, eps):
-        plan = plan_tiles(V, v_mask, W, w_mask, heads=heads, weights=weights, G=G, st=st)
+        prec = dot_precision(st, allow_tf32)
+        plan = plan_tiles(V, v_mask, W, w_mask, heads=heads, weights=weights, G=G, st=st, split16=prec == "f16x3")
         out = torch.empty(V.shape[0], W.shape[0], dtype=torch.float32, device=V.device)
-        return launch_tiles(plan, out, scale=scale, u1=u1, u2=u2, gi=f32(Gi), gt=f32(Gt),
-                            dot_prec=dot_precision(st, allow_tf32), eps=eps)
+        return launch_tiles(plan, out, scale=scale, u1=u1, u2=u2, gi=f32(Gi), gt=f32(Gt), dot_prec=prec, eps=eps)
 
     # Huge finite features would overflow the fp32 norms and Gram forms: rescaled exactly
     # as the torch backend does (powers of two, softmax scales and cosine clamp adjusted).

@@ -56,6 +56,46 @@ def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.c
 
 
 @triton.jit
+def _operand(x, ST: tl.constexpr, F16X3: tl.constexpr):
+    """x fp32 made in the kernel (softmax weights, their means) -> (hi, lo) dot operands.
+    F16X3: the fp16 pair x = hi + lo / 2048 (~2^-22 relative, :func:`split16_planes`' split;
+    x in [0, 1] needs no scaling); else (x in ST, the same)."""
+    if F16X3:
+        hi = x.to(tl.float16)
+        return hi, ((x - hi.to(tl.float32)) * 2048.0).to(tl.float16)
+    else:
+        y = x.to(ST)
+        return y, y
+
+
+@triton.jit
+def _lo_plane(ptr, mask, hi, F16X3: tl.constexpr):
+    """F16X3: the lo plane of an fp16 pair, loaded at ``ptr`` (the hi plane's pointers plus its
+    lo offset); else ``hi`` itself (:func:`_dot3` then ignores it)."""
+    if F16X3:
+        if mask is None:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return hi
+
+
+@triton.jit
+def _dot3(a_hi, a_lo, b_hi, b_lo, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b, fp32 accumulation. ``f16x3``: operands held as fp16 pairs (a = a_hi +
+    a_lo / 2048), three fp16 products (a_lo·b_lo, ~2^-22 relative, dropped), the two small
+    ones into acc·2048 so that one accumulator is live (powers of two: exact); else one
+    product of a_hi, b_hi at DOT_PREC (a_lo, b_lo unused)."""
+    if DOT_PREC == "f16x3":
+        acc = tl.dot(a_hi, b_lo, acc * 2048.0)
+        acc = tl.dot(a_lo, b_hi, acc)
+        return tl.dot(a_hi, b_hi, acc * (1.0 / 2048.0))
+    else:
+        return tl.dot(a_hi, b_hi, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _quad_partials(x, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
     """x (BR, GT, LB) fp32 -> (BR, GT, 4): each text's sum over its LB columns, kept in four
     partial sums by (column % 8) // 2, the lane of its quad that holds the column in the
@@ -155,22 +195,23 @@ def _tile_coords(tile, n_it, n_tt, GI: tl.constexpr, GT: tl.constexpr, GROUP_I: 
 def _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, ST: tl.constexpr, PP: tl.constexpr, GI: tl.constexpr,
                           GIP: tl.constexpr, GT: tl.constexpr, DOT_PREC: tl.constexpr):
     """a (BR, BC) fp32 -> (PP, BC) fp32: row (g, j) holds the mean of a over image g's valid
-    rows on text j's columns, 0 elsewhere. bf16/fp16 storage (ST) and tf32: one dot with the
-    pairs' 0/1 image rows (a rounded to ST, as its scratch copy is); tf32x3: masked
-    column sums (the dot's fp32 operands doubled the spill instructions of the offline sm_90
-    build)."""
+    rows on text j's columns, 0 elsewhere. bf16/fp16 storage (ST), tf32 and ieee: one dot
+    with the pairs' 0/1 image rows (a rounded to ST, as its scratch copy is); f16x3 (fp32
+    features): masked column sums, exact in fp32 (the dot would need a split a; with
+    tf32x3 it doubled the spill instructions of the offline sm_90 build)."""
     pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-    if DOT_PREC == "tf32x3":
+    if DOT_PREC == "f16x3":
         slot = tl.arange(0, GIP)
         out = tl.zeros((PP, a.shape[1]), dtype=tl.float32)
         for g in tl.static_range(GI):
             colsum = tl.sum(tl.where((v_valid & (img_r == g))[:, None], a, 0.0), axis=0)
             cg = tl.sum(tl.where(slot == g, cnt_i, 0.0), axis=0)
             out = tl.where((pg == g)[:, None] & (txt_c[None, :] == pj[:, None]), (colsum / cg)[None, :], out)
-        return out
-    ind = ((pg[:, None] == img_r[None, :]) & v_valid[None, :] & p_in[:, None]).to(ST)
-    colsum = tl.dot(ind, a.to(ST), input_precision=DOT_PREC)
-    return tl.where(txt_c[None, :] == pj[:, None], colsum * _slot_values(1.0 / cnt_i, pg, GI, GIP)[:, None], 0.0)
+    else:
+        ind = ((pg[:, None] == img_r[None, :]) & v_valid[None, :] & p_in[:, None]).to(ST)
+        colsum = tl.dot(ind, a.to(ST), input_precision=DOT_PREC)
+        out = tl.where(txt_c[None, :] == pj[:, None], colsum * _slot_values(1.0 / cnt_i, pg, GI, GIP)[:, None], 0.0)
+    return out
 
 
 @triton.jit
@@ -179,7 +220,7 @@ def _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, ST: tl.constexpr, PP: 
     """b (BC, BR) fp32 -> (PP, BR) fp32: row (g, j) holds the mean of b over text j's valid
     rows on image g's columns, 0 elsewhere (see :func:`_image_means_per_pair`)."""
     pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-    if DOT_PREC == "tf32x3":
+    if DOT_PREC == "f16x3":
         BR: tl.constexpr = b.shape[1]
         tt = tl.arange(0, GT)
         bbar = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1) / cnt_t[:, None]
@@ -187,10 +228,11 @@ def _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, ST: tl.constexpr, PP: 
         for j in tl.static_range(GT):
             rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)
             out = tl.where((pj == j)[:, None] & (img_r[None, :] == pg[:, None]), rowj[None, :], out)
-        return out
-    ind = ((pj[:, None] == txt_c[None, :]) & w_valid[None, :] & p_in[:, None]).to(ST)
-    rowsum = tl.dot(ind, b.to(ST), input_precision=DOT_PREC)
-    return tl.where(img_r[None, :] == pg[:, None], rowsum * _slot_values(1.0 / cnt_t, pj, GT, GT)[:, None], 0.0)
+    else:
+        ind = ((pj[:, None] == txt_c[None, :]) & w_valid[None, :] & p_in[:, None]).to(ST)
+        rowsum = tl.dot(ind, b.to(ST), input_precision=DOT_PREC)
+        out = tl.where(img_r[None, :] == pg[:, None], rowsum * _slot_values(1.0 / cnt_t, pj, GT, GT)[:, None], 0.0)
+    return out
 
 
 @triton.jit
@@ -226,7 +268,7 @@ def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.cons
 # Sizes are not specialised (no recompile between a slice and the full grid, nor between
 # buckets of different sizes); strides of the head-major layouts stay specialised so that
 # the compiler can prove 16-byte row alignment and vectorise the tile loads.
-@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt"])
+@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt", "lo_v", "lo_w", "lo_gv", "lo_gw"])
 def _tile_kernel(
     S_ptr, stride_sn, stride_sm,
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
@@ -239,6 +281,10 @@ def _tile_kernel(
     # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
     # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
     scratch_ptr, kap_ptr, lam_ptr,
+    # DOT_PREC "f16x3": element offsets from each fp16 hi plane to its lo plane (features of the
+    # images, of the texts, their Γ); unused otherwise. FULL's scratch: its lo plane follows
+    # the hi planes of all programs
+    lo_v, lo_w, lo_gv, lo_gw,
     N, Mb, n_tt,
     s_i2t, s_t2i, u1, u2, eps,
     H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
@@ -254,6 +300,7 @@ def _tile_kernel(
 
     EMBED: S already holds (1 - u2) times the embedding global score (:func:`launch_tiles`
     writes it with one GEMM) and the tile adds u2 times the local score to it."""
+    F16X3: tl.constexpr = DOT_PREC == "f16x3"
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     n_it = tl.cdiv(N, GI)
@@ -262,6 +309,7 @@ def _tile_kernel(
     KP: tl.constexpr = triton.next_power_of_2(K)
     TILE: tl.constexpr = BR * BC
     slot = scratch_ptr + pid.to(tl.int64) * (H * 2 * TILE)
+    slot_lo = slot + n_prog.to(tl.int64) * (H * 2 * TILE)  # F16X3: the lo plane of this program's slot
 
     r = tl.arange(0, BR)
     img_r = r // K  # image slot of each region row (K constexpr: a multiply-shift)
@@ -330,13 +378,17 @@ def _tile_kernel(
                 if ps == 0:
                     vq = tl.load((vq_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                     wk = tl.load((wk_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
+                    vq_lo = _lo_plane((vq_ptr + hv + lo_v) + v_off, row_in[:, None], vq, F16X3)
+                    wk_lo = _lo_plane((wk_ptr + hw + lo_w) + w_off, col_in[:, None], wk, F16X3)
                 if ps == 1 or not SPLIT:
                     if SHARED_QK and not SPLIT:
-                        vk = vq
-                        wq = wk
+                        vk, vk_lo = vq, vq_lo
+                        wq, wq_lo = wk, wk_lo
                     else:
                         vk = tl.load((vk_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                         wq = tl.load((wq_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
+                        vk_lo = _lo_plane((vk_ptr + hv + lo_v) + v_off, row_in[:, None], vk, F16X3)
+                        wq_lo = _lo_plane((wq_ptr + hw + lo_w) + w_off, col_in[:, None], wq, F16X3)
                 if ps == 0:
                     # ---- regions -> words: rows = regions, segments = texts (LB columns each)
                     if not FULL:
@@ -344,13 +396,15 @@ def _tile_kernel(
                         # between texts. Loaded first: it goes to shared memory as a later
                         # dot's operand, so its registers are free before the logits are live.
                         gw = tl.load((wgam_ptr + (t0 * H + h) * (LB * LB)) + gw_off, mask=gw_in, other=0.0)
-                    x = tl.dot(vq, tl.trans(wk), input_precision=DOT_PREC)
+                        gw_lo = _lo_plane((wgam_ptr + lo_gw + (t0 * H + h) * (LB * LB)) + gw_off, gw_in, gw, F16X3)
+                    x = _dot3(vq, vq_lo, tl.trans(wk), tl.trans(wk_lo), tl.zeros((BR, BC), tl.float32), DOT_PREC)
                     p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
                     if O_IS_Q:
                         xn = x
                     else:
                         vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-                        xn = tl.dot(vo, tl.trans(wk), input_precision=DOT_PREC)
+                        vo_lo = _lo_plane((vo_ptr + hv + lo_v) + v_off, row_in[:, None], vo, F16X3)
+                        xn = _dot3(vo, vo_lo, tl.trans(wk), tl.trans(wk_lo), tl.zeros((BR, BC), tl.float32), DOT_PREC)
                     if FULL or PAIRWISE:
                         a3 = p * inv[:, :, None]
                         num_i += tl.sum(a3 * tl.reshape(xn, (BR, GT, LB)), axis=2)
@@ -358,31 +412,37 @@ def _tile_kernel(
                     else:
                         num_i += tl.sum(p * tl.reshape(xn, (BR, GT, LB)), axis=2) * inv
                     if FULL:
-                        tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a.to(wk.dtype))
+                        a_hi, a_lo = _operand(a, wk.dtype, F16X3)
+                        tl.store(slot + h * (2 * TILE) + r[:, None] * BC + c[None, :], a_hi)
+                        if F16X3:
+                            tl.store(slot_lo + h * (2 * TILE) + r[:, None] * BC + c[None, :], a_lo)
                     else:
                         # ‖Σ_l p_l k_l‖² = p Γw pᵀ: the dot takes p in the storage dtype, the product
                         # the fp32 p (no conversion back, one factor rounded instead of two: -7%
                         # instructions per pair in the offline report)
-                        p2 = tl.reshape(p, (BR, BC)).to(wk.dtype)
-                        y = tl.dot(p2, gw, input_precision=DOT_PREC)
+                        p2, p2_lo = _operand(tl.reshape(p, (BR, BC)), wk.dtype, F16X3)
+                        y = _dot3(p2, p2_lo, gw, gw_lo, tl.zeros((BR, BC), tl.float32), DOT_PREC)
                         nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                     if PAIRWISE:
                         # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
                         ablk = _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, wk.dtype, PP, GI, GIP, GT,
                                                      DOT_PREC)
-                        kap = tl.dot(ablk.to(wk.dtype), wk, input_precision=DOT_PREC)  # (PP, DH)
+                        ab_hi, ab_lo = _operand(ablk, wk.dtype, F16X3)
+                        kap = _dot3(ab_hi, ab_lo, wk, wk_lo, tl.zeros((PP, DH), tl.float32), DOT_PREC)  # (PP, DH)
                         _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
                 if ps == 1 or not SPLIT:
                     # ---- words -> regions: rows = tokens, segments = images (K columns each)
                     if not FULL:
                         gv = tl.load((vgam_ptr + (i0 * H + h) * (K * K)) + gv_off, mask=gv_in, other=0.0)
-                    xt = tl.dot(wq, tl.trans(vk), input_precision=DOT_PREC)
+                        gv_lo = _lo_plane((vgam_ptr + lo_gv + (i0 * H + h) * (K * K)) + gv_off, gv_in, gv, F16X3)
+                    xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), tl.zeros((BC, BR), tl.float32), DOT_PREC)
                     q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
                     if O_IS_Q:
                         xtn = xt
                     else:
                         wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-                        xtn = tl.dot(wo, tl.trans(vk), input_precision=DOT_PREC)
+                        wo_lo = _lo_plane((wo_ptr + hw + lo_w) + w_off, col_in[:, None], wo, F16X3)
+                        xtn = _dot3(wo, wo_lo, tl.trans(vk), tl.trans(vk_lo), tl.zeros((BC, BR), tl.float32), DOT_PREC)
                     num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) * qinv
                     if FULL or PAIRWISE:
                         qs = tl.zeros_like(q)
@@ -391,16 +451,20 @@ def _tile_kernel(
                             qs = tl.where((img_r == g)[None, :], qg[:, None], qs)
                         b = q * qs  # normalised attention B_h (BC, BR)
                     if FULL:
-                        tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b.to(vk.dtype))
+                        b_hi, b_lo = _operand(b, vk.dtype, F16X3)
+                        tl.store(slot + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b_hi)
+                        if F16X3:
+                            tl.store(slot_lo + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b_lo)
                     else:
-                        q2 = q.to(vk.dtype)
-                        z = tl.dot(q2, gv, input_precision=DOT_PREC)
+                        q2, q2_lo = _operand(q, vk.dtype, F16X3)
+                        z = _dot3(q2, q2_lo, gv, gv_lo, tl.zeros((BC, BR), tl.float32), DOT_PREC)
                         nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
                         # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
                         bblk = _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, vk.dtype, PP, GIP, GT, LB,
                                                     DOT_PREC)
-                        lam = tl.dot(bblk.to(vk.dtype), vk, input_precision=DOT_PREC)  # (PP, DH)
+                        bb_hi, bb_lo = _operand(bblk, vk.dtype, F16X3)
+                        lam = _dot3(bb_hi, bb_lo, vk, vk_lo, tl.zeros((PP, DH), tl.float32), DOT_PREC)  # (PP, DH)
                         _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
             if ps == 0 and SPLIT and not FULL:
                 # regions -> words is complete: reduce it to its (GIP, GT) means now, so that its
@@ -432,13 +496,23 @@ def _tile_kernel(
                     y = tl.zeros((BR, QCW), dtype=tl.float32)
                     for kc in range(NCW):
                         ck = kc * QCW + tl.arange(0, QCW)  # a-column = h*LB + l
+                        # (pointer + each offset term: int32 offsets summed first cost the bf16 build
+                        # 6 % more instructions per pair)
                         ak = tl.load(slot + (ck // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB + (ck % LB)[None, :])
-                        gk = tl.load(gam + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], mask=((ck < HL) & j_in)[:, None],
-                                     other=0.0)
-                        y += tl.dot(ak, gk, input_precision=DOT_PREC)
+                        ak_lo = _lo_plane(slot_lo + (ck // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
+                                          + (ck % LB)[None, :], None, ak, F16X3)
+                        gk_in = ((ck < HL) & j_in)[:, None]
+                        gk = tl.load(gam + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], mask=gk_in, other=0.0)
+                        gk_lo = _lo_plane(gam + lo_gw + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], gk_in,
+                                          gk, F16X3)
+                        y = _dot3(ak, ak_lo, gk, gk_lo, y, DOT_PREC)
                     cn = nc * QCW + tl.arange(0, QCW)
-                    an = tl.load(slot + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB + (cn % LB)[None, :])
-                    nj += tl.sum(y * an.to(tl.float32), axis=1)
+                    an = tl.load(slot + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
+                                 + (cn % LB)[None, :]).to(tl.float32)
+                    if F16X3:
+                        an += tl.load(slot_lo + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
+                                      + (cn % LB)[None, :]).to(tl.float32) * (1.0 / 2048.0)
+                    nj += tl.sum(y * an, axis=1)
                 nrm_f = tl.where((tt == j)[None, :], nj[:, None], nrm_f)
             for g in tl.static_range(GI):
                 gam = vgam_ptr + (i0 + g) * (HKP * HKP)
@@ -448,15 +522,24 @@ def _tile_kernel(
                     y = tl.zeros((BC, QCV), dtype=tl.float32)
                     for kc in range(NCV):
                         ck = kc * QCV + tl.arange(0, QCV)  # b-column = h*K + k
+                        b_in = (ck < H * K)[None, :]
                         bk = tl.load(slot + TILE + (ck // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (ck % K)[None, :],
-                                     mask=(ck < H * K)[None, :], other=0.0)
-                        gk = tl.load(gam + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :],
-                                     mask=((ck < HKP) & g_in)[:, None], other=0.0)
-                        y += tl.dot(bk, gk, input_precision=DOT_PREC)
+                                     mask=b_in, other=0.0)
+                        bk_lo = _lo_plane(slot_lo + TILE + (ck // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K
+                                          + (ck % K)[None, :], b_in, bk, F16X3)
+                        gk_in = ((ck < HKP) & g_in)[:, None]
+                        gk = tl.load(gam + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :], mask=gk_in, other=0.0)
+                        gk_lo = _lo_plane(gam + lo_gv + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :], gk_in,
+                                          gk, F16X3)
+                        y = _dot3(bk, bk_lo, gk, gk_lo, y, DOT_PREC)
                     cn = nc * QCV + tl.arange(0, QCV)
+                    b_in = (cn < H * K)[None, :]
                     bn = tl.load(slot + TILE + (cn // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (cn % K)[None, :],
-                                 mask=(cn < H * K)[None, :], other=0.0)
-                    ng += tl.sum(y * bn.to(tl.float32), axis=1)
+                                 mask=b_in, other=0.0).to(tl.float32)
+                    if F16X3:
+                        bn += tl.load(slot_lo + TILE + (cn // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K
+                                      + (cn % K)[None, :], mask=b_in, other=0.0).to(tl.float32) * (1.0 / 2048.0)
+                    ng += tl.sum(y * bn, axis=1)
                 nrm_t = tl.where((slot_i == g)[None, :], ng[:, None], nrm_t)
             tl.debug_barrier()  # the next tile overwrites the scratch slot
 
@@ -483,6 +566,8 @@ def _tile_kernel(
 
 # --------------------------------------------------------------------------- host side
 
+import dataclasses  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import List, Optional, Tuple  # noqa: E402
@@ -497,7 +582,7 @@ MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows wi
 BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
 QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
 # Rows of the pairwise κ/λ dots (GIP·GT pairs, padded): one warp group's wgmma. Not under
-# tf32x3, whose three chained products per dot replicate a 64-row dot over the warp groups
+# f16x3 (and tf32x3), whose three chained products per dot replicate a 64-row dot over the warp groups
 # (offline sm_90 build: +4 % instructions per pair, +30 % spill instructions).
 PAIR_ROWS = 64
 # Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
@@ -568,6 +653,7 @@ class TileImages:
     gam: torch.Tensor
     gx: Optional[torch.Tensor]
     K: int
+    split: Optional["Split16"] = None
 
     @property
     def n(self) -> int:
@@ -590,6 +676,7 @@ class TextBucket:
     col: torch.Tensor
     gam: torch.Tensor
     LB: int
+    split: Optional["Split16"] = None
 
     @property
     def Mb(self) -> int:
@@ -608,6 +695,19 @@ class GlobalWeights:
 
 
 @dataclass
+class Split16:
+    """How one side's fp32 tile tensors are held for the ``f16x3`` dots (:func:`split16_planes`):
+    Q/Kk/O and gam are the fp16 hi planes of (2, ...) tensors, scaled by ``sigma`` (features)
+    and ``sigma_gam`` (Γ blocks; a power of four), the lo planes ``lo`` and ``lo_gam``
+    elements further on."""
+
+    sigma: float
+    sigma_gam: float
+    lo: int
+    lo_gam: int
+
+
+@dataclass
 class TilePlan:
     images: TileImages
     buckets: List[TextBucket]
@@ -615,6 +715,10 @@ class TilePlan:
     glob: Optional[GlobalWeights] = None
     M: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def split16(self) -> bool:
+        return self.images.split is not None
 
 
 def _heads_major(x: torch.Tensor, dh: int, st: torch.dtype) -> torch.Tensor:
@@ -765,11 +869,15 @@ def _global_weights(weights, D: int, H: int, dh: int, device) -> GlobalWeights:
     return GlobalWeights(pad_rows(prod(z_o, x_w)), pad_rows(prod(z_o, x_v)), sigma.contiguous())
 
 
-def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: int = PREP_CHUNK) -> TilePlan:
+def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: int = PREP_CHUNK,
+               split16: Optional[bool] = None) -> TilePlan:
     """Per-item precompute (acf_fast.precompute, spec §8) of both sides, in the tile layout.
 
     V (N, K, D), W (M, L, D) any float dtype; masks (.., T) bool or None; G (N, D) or None
-    (pairwise global score on when given); ``st`` the storage dtype of the tiles."""
+    (pairwise global score on when given); ``st`` the storage dtype of the tiles.
+    ``split16`` (default: when ``st`` is float32): hold the fp32 tiles as fp16 pairs for the
+    ``f16x3`` dots (:func:`split16_planes`); :func:`launch_tiles` then runs f16x3 whatever
+    ``dot_prec`` it is given."""
     from acf_fast.precompute import precompute_items
 
     N, K, D = V.shape
@@ -799,7 +907,51 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
             x_g = weights.get("x_g")
             Gx = G.detach().float() if x_g is None else G.detach().float() @ x_g.detach().float()
             images.gx = ((1 - glob.sigma) * Gx).contiguous()  # (1 − σ) ⊙ (G x_g), spec §3
+        if st == torch.float32 if split16 is None else split16:
+            images = _split_side(images)
+            buckets = [_split_side(b) for b in buckets]
     return TilePlan(images, buckets, full, glob, M)
+
+
+F16X3_MAX = 2.0**13  # max |x| of a side's scaled values: fp16 holds up to 65504
+
+
+def split16_scale(amax: float, *, power_of_four: bool = False) -> float:
+    """The power of two (of four with ``power_of_four``: its square root is exact) that brings
+    a largest magnitude ``amax`` into (F16X3_MAX/2, F16X3_MAX] (F16X3_MAX/4 with power_of_four)."""
+    if not amax > 0:
+        return 1.0
+    e = math.floor(math.log2(F16X3_MAX / amax))
+    return math.ldexp(1.0, e - e % 2 if power_of_four else e)
+
+
+def split16_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x float32 -> (2, *x.shape) fp16 contiguous: hi = fp16(sigma·x), lo = fp16((sigma·x - hi)·2048),
+    so that hi + lo/2048 = sigma·x to ~2^-22 relative, as tf32x3's split (whose tf32 keeps
+    fp32's exponent range; fp16 needs the scaling). With sigma from
+    :func:`split16_scale` nothing overflows, and values down to ~2^-37 of the largest keep
+    their precision (the lo part's 2048 reaches below fp16's normals)."""
+    xs = x.float() * sigma
+    hi = xs.to(torch.float16)
+    return torch.stack((hi, ((xs - hi.float()) * 2048.0).to(torch.float16)))
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def _split_side(side):
+    """A :class:`TileImages` or :class:`TextBucket` with fp32 tiles -> the same with Q/Kk/O and
+    gam as fp16 hi planes (:func:`split16_planes`; Kk is Q / O is Q kept) and ``split`` set.
+    Q, Kk and O share one sigma, so that every product of features (logits, numerators)
+    carries the same factor."""
+    sigma = split16_scale(max(_amax(side.Q), _amax(side.Kk), _amax(side.O)))
+    sigma_gam = split16_scale(_amax(side.gam), power_of_four=True)
+    Q = split16_planes(side.Q, sigma)[0]  # views of the hi planes; the lo planes follow them
+    Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma)[0]
+    O = Q if side.O is side.Q else split16_planes(side.O, sigma)[0]
+    gam = split16_planes(side.gam, sigma_gam)[0]
+    return dataclasses.replace(side, Q=Q, Kk=Kk, O=O, gam=gam, split=Split16(sigma, sigma_gam, Q.numel(), gam.numel()))
 
 
 def _configs(interpret: bool):
@@ -849,7 +1001,7 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     BC = max(cols, LB)
     GT = BC // LB
     GIP = triton.next_power_of_2(GI)
-    PP = max(_MIN_DOT if dot_prec == "tf32x3" else PAIR_ROWS, GIP * GT)
+    PP = max(_MIN_DOT if dot_prec in ("tf32x3", "f16x3") else PAIR_ROWS, GIP * GT)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec)
@@ -928,8 +1080,11 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     the caller has rescaled huge inputs, see kernels/similarity.py);
     ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
     without autotuning (offline report, tests), with ``split`` (when given) in place of its
-    SPLIT (one or two passes over the heads)."""
+    SPLIT (one or two passes over the heads). A plan split into fp16 pairs
+    (``plan.split16``) runs the ``f16x3`` dots whatever ``dot_prec`` says."""
     img = plan.images
+    if plan.split16:
+        dot_prec = "f16x3"
     N = img.n
     embed = gi is not None
     dev = out.device
@@ -938,6 +1093,17 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
         _embed_global(out, gi, gt, u2)
     for b in plan.buckets:
         meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, cols=cols, rows=rows)
+        s_i2t, s_t2i, b_eps, vnorm, wnorm, lo_offsets = float(scale[0]), float(scale[1]), float(eps), img.norm, b.norm, (0,) * 4
+        if plan.split16:
+            # the tiles' logits carry A = sigma_v·sigma_w and their Γ products sigma_gam: the
+            # softmax scales divide by A; the norms take A/sqrt(sigma_gam) of the other side,
+            # so that norm·sqrt(Γ form) carries A like the numerators; the clamp scales by A
+            sv, sw = img.split, b.split
+            A = sv.sigma * sw.sigma
+            s_i2t, s_t2i, b_eps = s_i2t / A, s_t2i / A, b_eps * A
+            vnorm = img.norm * (A / math.sqrt(sw.sigma_gam))
+            wnorm = b.norm * (A / math.sqrt(sv.sigma_gam))
+            lo_offsets = (sv.lo, sw.lo, sv.lo_gam, sw.lo_gam)
         GI, GT = meta["GI"], meta["GT"]
         n_tt = triton.cdiv(b.Mb, GT)
         chunk = N if plan.glob is None else max(GI, (global_pairs // max(b.Mb, 1)) // GI * GI)
@@ -945,20 +1111,22 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             hi = min(N, lo + chunk)
             n_tiles = triton.cdiv(hi - lo, GI) * n_tt
             programs = min(n_tiles, _num_sms(dev)) if plan.full else n_tiles
-            scratch = (torch.empty(programs * H * 2 * meta["BR"] * meta["BC"], dtype=img.Q.dtype, device=dev)
+            n_planes = 2 if plan.split16 else 1  # f16x3: the scratch's lo plane after its hi plane
+            scratch = (torch.empty(n_planes * programs * H * 2 * meta["BR"] * meta["BC"], dtype=img.Q.dtype, device=dev)
                        if plan.full else img.norm)
             if plan.glob is not None:
-                kap = torch.empty((hi - lo) * b.Mb, H * DH, dtype=img.Q.dtype, device=dev)
+                kap = torch.empty((hi - lo) * b.Mb, H * DH, device=dev,
+                                  dtype=torch.float32 if plan.split16 else img.Q.dtype)
                 lam = torch.empty_like(kap)
             else:
                 kap = lam = img.norm
             rs = slice(lo * img.K, hi * img.K)
             args = (out[lo:hi], out.stride(0), out.stride(1),
-                    img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], img.norm[rs],
+                    img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], vnorm[rs],
                     img.gam[lo:hi],
-                    b.Q, b.Kk, b.O, b.mask, b.norm, b.col, b.gam,
-                    scratch, kap, lam,
-                    hi - lo, b.Mb, n_tt, float(scale[0]), float(scale[1]), float(u1), float(u2), float(eps))
+                    b.Q, b.Kk, b.O, b.mask, wnorm, b.col, b.gam,
+                    scratch, kap, lam, *lo_offsets,
+                    hi - lo, b.Mb, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)
             if tuned:
                 _tile_tuned[grid](*args, **meta)
@@ -967,5 +1135,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 kw = dict(cfg.kwargs) if split is None else {**cfg.kwargs, "SPLIT": bool(split)}
                 _tile_kernel[grid](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if plan.glob is not None:
+                if plan.split16:  # κ = ā Kw and λ = b̄ Kv carry their side's feature scale
+                    kap.mul_(1.0 / b.split.sigma)
+                    lam.mul_(1.0 / img.split.sigma)
                 _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
     return out

@@ -8,8 +8,9 @@ TRITON_INTERPRET=1 before anything imports triton), so shapes stay tiny (D = 32 
 that several image and text tiles, several buckets, the persistent loop over tiles and
 the chunked global score all run with a handful of items. ``--device cuda`` runs the
 same tests on a GPU, plus the ``gpu``-marked ones: fp16 / bf16, full-size shapes, the
-fp32 (tf32x3) and tf32 paths and torch.compile.
+fp32 (f16x3) and tf32 paths and torch.compile.
 """
+import math
 import zlib
 
 import pytest
@@ -134,6 +135,53 @@ def test_tiles_in_one_pass_over_the_heads(name, variant, wnames, shape, DH, tile
     _launch(case, out, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], tuned=False, split=False)
     assert torch.isfinite(out).all(), "some S[i, j] was never written"
     assert_scores_close(out, reference(case), torch.float32, name + " one pass")
+
+
+def test_split16_planes_keep_22_bits_at_any_magnitude():
+    """The host split of fp32 tiles into fp16 pairs (hi + lo/2048, scaled by a power of two):
+    finite at magnitudes fp16 cannot hold, ~2^-22 relative where fp16 has normals, and
+    below them an absolute error far under the largest value's precision."""
+    gen = torch.Generator().manual_seed(5)
+    assert tiles.split16_scale(0.0) == 1.0
+    for mag in (1e-30, 1e-3, 1.0, 7e4, 1e30):
+        x = torch.randn(64, 33, generator=gen) * mag
+        x[0, :4] = torch.tensor([0.0, mag * 1e-9, -mag * 1e-12, mag * 3e-6])
+        for p4 in (False, True):
+            sigma = tiles.split16_scale(float(x.abs().max()), power_of_four=p4)
+            e = math.log2(sigma)
+            assert e == round(e) and (not p4 or round(e) % 2 == 0), sigma
+            top = float(x.abs().max()) * sigma
+            assert tiles.F16X3_MAX / (4 if p4 else 2) < top <= tiles.F16X3_MAX
+            planes = tiles.split16_planes(x, sigma)
+            assert planes.dtype == torch.float16 and planes.shape == (2, *x.shape) and planes.is_contiguous()
+            want = x.double() * sigma
+            err = (planes[0].double() + planes[1].double() / 2048 - want).abs()
+            assert bool((err <= torch.clamp(want.abs() * 2**-21, min=2**-34)).all()), (mag, p4, err.max().item())
+
+
+F16X3_CASES = [TILE_CASES[5], TILE_CASES[1], TILE_CASES[4]]  # acf-code K = 36, full Γ + pairwise, block-diagonal + pairwise
+
+
+@pytest.mark.parametrize("mags", [(1.0, 1.0), (3e3, 1e-2), (1e-3, 40.0), (1e-6, 1e-6)])
+@pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", F16X3_CASES, ids=[c[0] for c in F16X3_CASES])
+def test_fp32_tiles_run_f16x3_at_22_bits(name, variant, wnames, shape, DH, tile, buckets, mags, device, monkeypatch):
+    """fp32 tiles are held as fp16 pairs and every product is three fp16 products (f16x3):
+    here ≤ ~1e-7 from float64. fp16 products alone (5e-5) or two of the three (3e-5) stay
+    within the 1e-4 contract at these sizes, so the bound is 1e-6. Magnitudes fp16 cannot
+    hold (Γ of ×3e3 features, ×1e-6 ones) check the scaling, the pairwise global score
+    that κ and λ come back unscaled."""
+    monkeypatch.setattr(tiles, "BUCKETS", buckets)
+    N, M, K, L = shape
+    case = make_case(N, M, K, L, D=DH[0], H=DH[1], variant=variant, weights=wnames or (), seed=11, device=device)
+    case = dict(case, V=case["V"] * mags[0], W=case["W"] * mags[1])
+    plan, _ = _plan(case)
+    assert plan.split16 and plan.images.Q.dtype == plan.buckets[0].gam.dtype == torch.float16
+    out = torch.full((N, M), float("nan"), device=device)
+    _launch(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1])
+    ref = reference(case)
+    assert ref.std() > 1e-2
+    err = (out.double().cpu() - ref.double().cpu()).abs().max().item()
+    assert err <= 1e-6, f"{name}: f16x3 at magnitudes {mags}: max |ΔS| = {err:.2e}"
 
 
 @pytest.mark.parametrize("variant", ["paper", "acf-code"])
