@@ -914,14 +914,20 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
 
 
 F16X3_MAX = 2.0**13  # max |x| of a side's scaled values: fp16 holds up to 65504
+# |log2 sigma| at most: the kernel's fp32 scalars (softmax scales / A, clamp · A, A = the
+# product of two sides' sigmas) then stay normal. Inputs are never that large here
+# (with_magnitude_scaling divides huge ones), and features below ~2^-37 have norms that the
+# cosines' clamp (1e-8) already decides.
+F16X3_MAX_EXP = 50
 
 
 def split16_scale(amax: float, *, power_of_four: bool = False) -> float:
     """The power of two (of four with ``power_of_four``: its square root is exact) that brings
-    a largest magnitude ``amax`` into (F16X3_MAX/2, F16X3_MAX] (F16X3_MAX/4 with power_of_four)."""
+    a largest magnitude ``amax`` into (F16X3_MAX/2, F16X3_MAX] (F16X3_MAX/4 with power_of_four),
+    within 2^±F16X3_MAX_EXP."""
     if not amax > 0:
         return 1.0
-    e = math.floor(math.log2(F16X3_MAX / amax))
+    e = max(-F16X3_MAX_EXP, min(F16X3_MAX_EXP, math.floor(math.log2(F16X3_MAX / amax))))
     return math.ldexp(1.0, e - e % 2 if power_of_four else e)
 
 
@@ -945,8 +951,11 @@ def _split_side(side):
     gam as fp16 hi planes (:func:`split16_planes`; Kk is Q / O is Q kept) and ``split`` set.
     Q, Kk and O share one sigma, so that every product of features (logits, numerators)
     carries the same factor."""
-    sigma = split16_scale(max(_amax(side.Q), _amax(side.Kk), _amax(side.O)))
-    sigma_gam = split16_scale(_amax(side.gam), power_of_four=True)
+    amax, amax_gam = max(_amax(side.Q), _amax(side.Kk), _amax(side.O)), _amax(side.gam)
+    sigma, sigma_gam = split16_scale(amax), split16_scale(amax_gam, power_of_four=True)
+    if max(amax * sigma, amax_gam * sigma_gam) > F16X3_MAX:
+        raise ValueError(f"features up to |x| = {amax:.3g} (Γ {amax_gam:.3g}) are too large for the fp32 tiles' fp16 "
+                         "pairs: divide them down first (acf_similarity does, see with_magnitude_scaling)")
     Q = split16_planes(side.Q, sigma)[0]  # views of the hi planes; the lo planes follow them
     Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma)[0]
     O = Q if side.O is side.Q else split16_planes(side.O, sigma)[0]

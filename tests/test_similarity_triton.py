@@ -143,7 +143,9 @@ def test_split16_planes_keep_22_bits_at_any_magnitude():
     below them an absolute error far under the largest value's precision."""
     gen = torch.Generator().manual_seed(5)
     assert tiles.split16_scale(0.0) == 1.0
-    for mag in (1e-30, 1e-3, 1.0, 7e4, 1e30):
+    cap = 2.0**tiles.F16X3_MAX_EXP  # the kernel's fp32 scalars stay normal
+    assert tiles.split16_scale(1e-40) == cap and tiles.split16_scale(1e40) == 1 / cap
+    for mag in (1e-9, 1e-3, 1.0, 7e4, 1e12):
         x = torch.randn(64, 33, generator=gen) * mag
         x[0, :4] = torch.tensor([0.0, mag * 1e-9, -mag * 1e-12, mag * 3e-6])
         for p4 in (False, True):
@@ -157,6 +159,14 @@ def test_split16_planes_keep_22_bits_at_any_magnitude():
             want = x.double() * sigma
             err = (planes[0].double() + planes[1].double() / 2048 - want).abs()
             assert bool((err <= torch.clamp(want.abs() * 2**-21, min=2**-34)).all()), (mag, p4, err.max().item())
+
+
+def test_fp32_tiles_refuse_features_their_fp16_pairs_cannot_hold(device):
+    """acf_similarity divides huge features down first (with_magnitude_scaling); a direct
+    caller of the tiles gets a clear error instead of fp16 infinities."""
+    case = make_case(3, 4, 6, 5, D=32, H=2, variant="acf-code", seed=3, device=device)
+    with pytest.raises(ValueError, match="too large for the fp32 tiles' fp16 pairs"):
+        _plan(dict(case, V=case["V"] * 1e17))
 
 
 F16X3_CASES = [TILE_CASES[5], TILE_CASES[1], TILE_CASES[4]]  # acf-code K = 36, full Γ + pairwise, block-diagonal + pairwise
