@@ -50,7 +50,9 @@ def storage_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(st: torch.dtype, allow_tf32: bool) -> str:
-    """tl.dot input precision for storage dtype ``st`` (see the module docstring)."""
+    """The tiles' dot mode for storage dtype ``st`` (see the module docstring): a tl.dot
+    input precision ("tf32": ignored for fp16 / bf16 operands; fp32 with ``allow_tf32``),
+    or "f16x3" for fp32 tiles held as fp16 pairs (``tiles.plan_tiles(split16=True)``)."""
     if st != torch.float32:
         return "tf32"  # ignored for fp16 / bf16 operands
     return "tf32" if allow_tf32 else "f16x3"
