@@ -96,6 +96,44 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _gamma_form(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo, GS: tl.constexpr,
+                item_in, QC: tl.constexpr, TILE: tl.constexpr, F16X3: tl.constexpr, DOT_PREC: tl.constexpr):
+    """x Γ xᵀ for each row of one item's attention x, the heads coupled (full Γ, phase B of
+    :func:`_tile_kernel`): (R,) fp32 for the R = rows.shape[0] query rows.
+
+    att (att_lo: its F16X3 lo plane): scalar pointer to the item's first column in this
+    program's scratch slot, where x[i, h*SEG + l] sits at h·2·TILE + rows[i]·RS + l; NX = H·SEG
+    columns exist. gam (gam_lo) the item's (GS, GS) Γ, zero-padded beyond NX; item_in (QC,)
+    bool whether the item exists. Chunks of QC columns: y = x Γ[:, chunk], then Σ y ⊙ x[:, chunk].
+    (Pointers are formed as pointer + each offset term: int32 offsets summed first cost the
+    bf16 paper build 6 % more instructions per pair.)"""
+    NC: tl.constexpr = GS // QC
+    out = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    for nc in range(NC):
+        y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
+        for kc in range(NC):
+            ck = kc * QC + tl.arange(0, QC)
+            x_in = (ck < NX)[None, :]
+            xk = tl.load(att + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], mask=x_in,
+                         other=0.0)
+            xk_lo = _lo_plane(att_lo + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], x_in,
+                              xk, F16X3)
+            g_in = ((ck < GS) & item_in)[:, None]
+            gk = tl.load(gam + ck[:, None] * GS + nc * QC + tl.arange(0, QC)[None, :], mask=g_in, other=0.0)
+            gk_lo = _lo_plane(gam_lo + ck[:, None] * GS + nc * QC + tl.arange(0, QC)[None, :], g_in, gk, F16X3)
+            y = _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
+        cn = nc * QC + tl.arange(0, QC)
+        n_in = (cn < NX)[None, :]
+        xn = tl.load(att + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], mask=n_in,
+                     other=0.0).to(tl.float32)
+        if F16X3:
+            xn += tl.load(att_lo + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :],
+                          mask=n_in, other=0.0).to(tl.float32) * (1.0 / 2048.0)
+        out += tl.sum(y * xn, axis=1)
+    return out
+
+
+@triton.jit
 def _quad_partials(x, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
     """x (BR, GT, LB) fp32 -> (BR, GT, 4): each text's sum over its LB columns, kept in four
     partial sums by (column % 8) // 2, the lane of its quad that holds the column in the
@@ -485,61 +523,18 @@ def _tile_kernel(
             # Phase B: ‖x*‖² = a Γ aᵀ with the heads coupled (full Γ), from the attention
             # this program just wrote to its scratch slot (same CTA: a barrier orders it).
             tl.debug_barrier()
-            NCW: tl.constexpr = HL // QCW
-            NCV: tl.constexpr = HKP // QCV
             nrm_f = tl.zeros((BR, GT), dtype=tl.float32)
             for j in tl.static_range(GT):
-                gam = wgam_ptr + (t0 + j) * (HL * HL)
                 j_in = (tl.zeros((QCW,), dtype=tl.int64) + t0 + j) < Mb  # (a vector: the interpreter refuses scalar masks)
-                nj = tl.zeros((BR,), dtype=tl.float32)
-                for nc in range(NCW):
-                    y = tl.zeros((BR, QCW), dtype=tl.float32)
-                    for kc in range(NCW):
-                        ck = kc * QCW + tl.arange(0, QCW)  # a-column = h*LB + l
-                        # (pointer + each offset term: int32 offsets summed first cost the bf16 build
-                        # 6 % more instructions per pair)
-                        ak = tl.load(slot + (ck // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB + (ck % LB)[None, :])
-                        ak_lo = _lo_plane(slot_lo + (ck // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
-                                          + (ck % LB)[None, :], None, ak, F16X3)
-                        gk_in = ((ck < HL) & j_in)[:, None]
-                        gk = tl.load(gam + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], mask=gk_in, other=0.0)
-                        gk_lo = _lo_plane(gam + lo_gw + ck[:, None] * HL + nc * QCW + tl.arange(0, QCW)[None, :], gk_in,
-                                          gk, F16X3)
-                        y = _dot3(ak, ak_lo, gk, gk_lo, y, DOT_PREC)
-                    cn = nc * QCW + tl.arange(0, QCW)
-                    an = tl.load(slot + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
-                                 + (cn % LB)[None, :]).to(tl.float32)
-                    if F16X3:
-                        an += tl.load(slot_lo + (cn // LB)[None, :] * (2 * TILE) + r[:, None] * BC + j * LB
-                                      + (cn % LB)[None, :]).to(tl.float32) * (1.0 / 2048.0)
-                    nj += tl.sum(y * an, axis=1)
+                gam = wgam_ptr + (t0 + j) * (HL * HL)
+                nj = _gamma_form(slot + j * LB, slot_lo + j * LB, r, BC, LB, HL, gam, gam + lo_gw, HL, j_in, QCW, TILE,
+                                 F16X3, DOT_PREC)
                 nrm_f = tl.where((tt == j)[None, :], nj[:, None], nrm_f)
             for g in tl.static_range(GI):
-                gam = vgam_ptr + (i0 + g) * (HKP * HKP)
                 g_in = (tl.zeros((QCV,), dtype=tl.int64) + i0 + g) < N
-                ng = tl.zeros((BC,), dtype=tl.float32)
-                for nc in range(NCV):
-                    y = tl.zeros((BC, QCV), dtype=tl.float32)
-                    for kc in range(NCV):
-                        ck = kc * QCV + tl.arange(0, QCV)  # b-column = h*K + k
-                        b_in = (ck < H * K)[None, :]
-                        bk = tl.load(slot + TILE + (ck // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (ck % K)[None, :],
-                                     mask=b_in, other=0.0)
-                        bk_lo = _lo_plane(slot_lo + TILE + (ck // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K
-                                          + (ck % K)[None, :], b_in, bk, F16X3)
-                        gk_in = ((ck < HKP) & g_in)[:, None]
-                        gk = tl.load(gam + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :], mask=gk_in, other=0.0)
-                        gk_lo = _lo_plane(gam + lo_gv + ck[:, None] * HKP + nc * QCV + tl.arange(0, QCV)[None, :], gk_in,
-                                          gk, F16X3)
-                        y = _dot3(bk, bk_lo, gk, gk_lo, y, DOT_PREC)
-                    cn = nc * QCV + tl.arange(0, QCV)
-                    b_in = (cn < H * K)[None, :]
-                    bn = tl.load(slot + TILE + (cn // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K + (cn % K)[None, :],
-                                 mask=b_in, other=0.0).to(tl.float32)
-                    if F16X3:
-                        bn += tl.load(slot_lo + TILE + (cn // K)[None, :] * (2 * TILE) + c[:, None] * BR + g * K
-                                      + (cn % K)[None, :], mask=b_in, other=0.0).to(tl.float32) * (1.0 / 2048.0)
-                    ng += tl.sum(y * bn, axis=1)
+                gam = vgam_ptr + (i0 + g) * (HKP * HKP)
+                ng = _gamma_form(slot + TILE + g * K, slot_lo + TILE + g * K, c, BR, K, H * K, gam, gam + lo_gv, HKP, g_in,
+                                 QCV, TILE, F16X3, DOT_PREC)
                 nrm_t = tl.where((slot_i == g)[None, :], ng[:, None], nrm_t)
             tl.debug_barrier()  # the next tile overwrites the scratch slot
 
