@@ -29,6 +29,13 @@ attention's P·V) and the segment sums divide afterwards, so no normalised A is 
 Softmax maxima are taken per segment (never over a whole tile row): a text whose
 logits are all far below another text's in the same row would otherwise underflow.
 
+fp32 inputs (``DOT_PREC="f16x3"``): the host holds every tile tensor as an fp16 pair,
+x = hi + lo/2048 after a power-of-two scale per side (:func:`split16_planes`; the lo plane
+follows the hi plane, ``lo_*`` elements on), and every product is three fp16 products
+(:func:`_dot3`): tf32x3's ~22 bits at fp16's tensor-core rate, with no operand split in
+registers but the softmax weights' (:func:`_operand`). The scales reach the tile through
+its softmax scales, norms and cosine clamp (:func:`launch_tiles`).
+
 Full Γ (the ``paper`` variant): see :func:`_full_tile_kernel`.
 """
 from __future__ import annotations
@@ -73,10 +80,7 @@ def _lo_plane(ptr, mask, hi, F16X3: tl.constexpr):
     """F16X3: the lo plane of an fp16 pair, loaded at ``ptr`` (the hi plane's pointers plus its
     lo offset); else ``hi`` itself (:func:`_dot3` then ignores it)."""
     if F16X3:
-        if mask is None:
-            return tl.load(ptr)
-        else:
-            return tl.load(ptr, mask=mask, other=0.0)
+        return tl.load(ptr, mask=mask, other=0.0)
     else:
         return hi
 
@@ -648,7 +652,7 @@ class TileImages:
     gam: torch.Tensor
     gx: Optional[torch.Tensor]
     K: int
-    split: Optional["Split16"] = None
+    split: Optional["Split16"] = None  # fp32 tiles held as fp16 pairs (f16x3): their scales and lo planes
 
     @property
     def n(self) -> int:
@@ -671,7 +675,7 @@ class TextBucket:
     col: torch.Tensor
     gam: torch.Tensor
     LB: int
-    split: Optional["Split16"] = None
+    split: Optional["Split16"] = None  # as TileImages.split
 
     @property
     def Mb(self) -> int:
