@@ -9,15 +9,15 @@ benchmarks time exactly what users call.
 
 Precision. fp16 / bf16 inputs are stored as they are and every product accumulates in
 fp32 on tensor cores (≤ 5e-3, spec §9). fp32 inputs (and float64, scored in fp32) keep
-~22 bits per product on tensor cores, so the 1e-4 contract holds without CUDA-core dots:
-the tiles hold them as fp16 pairs, x = hi + lo/2048 after a power-of-two scaling per
-side (``tiles.split16_planes``), and every product is three fp16 products ("f16x3": the
-split that ``input_precision="tf32x3"`` makes, measured at 2–3e-7 relative error per dot
-on an H200, bench/results/gpu/*probe.json, but at fp16's tensor-core rate, twice tf32's,
-and split once on the host instead of in registers: the offline sm_90 build of the tile
-issues ~40 % fewer instructions per pair and spills less than half as much,
-bench/results/kernels/). ``allow_tf32=True`` takes one tf32 product per dot instead
-(~8e-4 per dot: its own, looser tolerance).
+~22 bits per product on tensor cores, so the 1e-4 contract holds without CUDA-core dots.
+The tiles hold them as fp16 pairs, x = hi + lo/2048 after a power-of-two scaling per side
+(``tiles.split16_planes``), and every product is three fp16 products, "f16x3". That is
+the split ``input_precision="tf32x3"`` makes (measured at 2–3e-7 relative error per dot on
+an H200, bench/results/gpu/*probe.json; f16x3 itself is not measured on a GPU yet), at
+fp16's tensor-core rate, twice tf32's, with the inputs split once on the host instead of
+in registers: the offline sm_90 build of the tile issues 32–41 % fewer instructions per
+pair and spills 40–70 % fewer bytes (bench/results/kernels/). ``allow_tf32=True`` takes one
+tf32 product per dot instead (~8e-4 per dot: its own, looser tolerance).
 
 Backward: :class:`TritonSimilarityFunction` stores only its inputs; its backward
 recomputes S block by block with the ``torch`` backend (``acf_fast.fused_torch``)
