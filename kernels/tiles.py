@@ -87,12 +87,15 @@ def _lo_plane(ptr, mask, hi, F16X3: tl.constexpr):
 
 @triton.jit
 def _dot3(a_hi, a_lo, b_hi, b_lo, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b, fp32 accumulation. ``f16x3``: operands held as fp16 pairs (a = a_hi +
-    a_lo / 2048), three fp16 products (a_lo·b_lo, ~2^-22 relative, dropped), the two small
-    ones into acc·2048 so that one accumulator is live (powers of two: exact); else one
-    product of a_hi, b_hi at DOT_PREC (a_lo, b_lo unused)."""
+    """acc + a @ b (acc None: a @ b), fp32 accumulation. ``f16x3``: operands held as fp16
+    pairs (a = a_hi + a_lo / 2048), three fp16 products (a_lo·b_lo, ~2^-22 relative,
+    dropped), the two small ones into acc·2048 so that one accumulator is live (powers of
+    two: exact); else one product of a_hi, b_hi at DOT_PREC (a_lo, b_lo unused)."""
     if DOT_PREC == "f16x3":
-        acc = tl.dot(a_hi, b_lo, acc * 2048.0)
+        if acc is None:
+            acc = tl.dot(a_hi, b_lo)
+        else:
+            acc = tl.dot(a_hi, b_lo, acc * 2048.0)
         acc = tl.dot(a_lo, b_hi, acc)
         return tl.dot(a_hi, b_hi, acc * (1.0 / 2048.0))
     else:
@@ -250,9 +253,7 @@ def _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, ST: tl.constexpr, PP:
             cg = tl.sum(tl.where(slot == g, cnt_i, 0.0), axis=0)
             out = tl.where((pg == g)[:, None] & (txt_c[None, :] == pj[:, None]), (colsum / cg)[None, :], out)
     else:
-        ind = ((pg[:, None] == img_r[None, :]) & v_valid[None, :] & p_in[:, None]).to(ST)
-        colsum = tl.dot(ind, a.to(ST), input_precision=DOT_PREC)
-        out = tl.where(txt_c[None, :] == pj[:, None], colsum * _slot_values(1.0 / cnt_i, pg, GI, GIP)[:, None], 0.0)
+        out = _pair_means_dot(a, pg, img_r, v_valid, pj, txt_c, p_in, cnt_i, GI, GIP, ST, DOT_PREC)
     return out
 
 
@@ -271,10 +272,21 @@ def _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, ST: tl.constexpr, PP: 
             rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)
             out = tl.where((pj == j)[:, None] & (img_r[None, :] == pg[:, None]), rowj[None, :], out)
     else:
-        ind = ((pj[:, None] == txt_c[None, :]) & w_valid[None, :] & p_in[:, None]).to(ST)
-        rowsum = tl.dot(ind, b.to(ST), input_precision=DOT_PREC)
-        out = tl.where(img_r[None, :] == pg[:, None], rowsum * _slot_values(1.0 / cnt_t, pj, GT, GT)[:, None], 0.0)
+        out = _pair_means_dot(b, pj, txt_c, w_valid, pg, img_r, p_in, cnt_t, GT, GT, ST, DOT_PREC)
     return out
+
+
+@triton.jit
+def _pair_means_dot(x, own, own_seg, valid, other, other_seg, p_in, cnt, G: tl.constexpr, GP: tl.constexpr,
+                    ST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The dot form of :func:`_image_means_per_pair` / :func:`_text_means_per_pair`: x (R, C)
+    fp32 whose rows belong to segments own_seg (R,) with valid (R,), columns to segments
+    other_seg (C,); pair row pr (own[pr], other[pr]), p_in (PP,) whether it exists; cnt (GP,)
+    the valid rows per own segment (G used). Returns (PP, C): row pr holds the mean of x over
+    own segment own[pr]'s valid rows on other segment other[pr]'s columns, 0 elsewhere."""
+    ind = ((own[:, None] == own_seg[None, :]) & valid[None, :] & p_in[:, None]).to(ST)
+    sums = tl.dot(ind, x.to(ST), input_precision=DOT_PREC)
+    return tl.where(other_seg[None, :] == other[:, None], sums * _slot_values(1.0 / cnt, own, G, GP)[:, None], 0.0)
 
 
 @triton.jit
@@ -439,14 +451,14 @@ def _tile_kernel(
                         # dot's operand, so its registers are free before the logits are live.
                         gw = tl.load((wgam_ptr + (t0 * H + h) * (LB * LB)) + gw_off, mask=gw_in, other=0.0)
                         gw_lo = _lo_plane((wgam_ptr + lo_gw + (t0 * H + h) * (LB * LB)) + gw_off, gw_in, gw, F16X3)
-                    x = _dot3(vq, vq_lo, tl.trans(wk), tl.trans(wk_lo), tl.zeros((BR, BC), tl.float32), DOT_PREC)
+                    x = _dot3(vq, vq_lo, tl.trans(wk), tl.trans(wk_lo), None, DOT_PREC)
                     p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
                     if O_IS_Q:
                         xn = x
                     else:
                         vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                         vo_lo = _lo_plane((vo_ptr + hv + lo_v) + v_off, row_in[:, None], vo, F16X3)
-                        xn = _dot3(vo, vo_lo, tl.trans(wk), tl.trans(wk_lo), tl.zeros((BR, BC), tl.float32), DOT_PREC)
+                        xn = _dot3(vo, vo_lo, tl.trans(wk), tl.trans(wk_lo), None, DOT_PREC)
                     if FULL or PAIRWISE:
                         a3 = p * inv[:, :, None]
                         num_i += tl.sum(a3 * tl.reshape(xn, (BR, GT, LB)), axis=2)
@@ -463,28 +475,28 @@ def _tile_kernel(
                         # the fp32 p (no conversion back, one factor rounded instead of two: -7%
                         # instructions per pair in the offline report)
                         p2, p2_lo = _operand(tl.reshape(p, (BR, BC)), wk.dtype, F16X3)
-                        y = _dot3(p2, p2_lo, gw, gw_lo, tl.zeros((BR, BC), tl.float32), DOT_PREC)
+                        y = _dot3(p2, p2_lo, gw, gw_lo, None, DOT_PREC)
                         nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                     if PAIRWISE:
                         # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
                         ablk = _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, wk.dtype, PP, GI, GIP, GT,
                                                      DOT_PREC)
                         ab_hi, ab_lo = _operand(ablk, wk.dtype, F16X3)
-                        kap = _dot3(ab_hi, ab_lo, wk, wk_lo, tl.zeros((PP, DH), tl.float32), DOT_PREC)  # (PP, DH)
+                        kap = _dot3(ab_hi, ab_lo, wk, wk_lo, None, DOT_PREC)  # (PP, DH)
                         _store_pair_rows(kap_ptr, kap, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
                 if ps == 1 or not SPLIT:
                     # ---- words -> regions: rows = tokens, segments = images (K columns each)
                     if not FULL:
                         gv = tl.load((vgam_ptr + (i0 * H + h) * (K * K)) + gv_off, mask=gv_in, other=0.0)
                         gv_lo = _lo_plane((vgam_ptr + lo_gv + (i0 * H + h) * (K * K)) + gv_off, gv_in, gv, F16X3)
-                    xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), tl.zeros((BC, BR), tl.float32), DOT_PREC)
+                    xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
                     q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
                     if O_IS_Q:
                         xtn = xt
                     else:
                         wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
                         wo_lo = _lo_plane((wo_ptr + hw + lo_w) + w_off, col_in[:, None], wo, F16X3)
-                        xtn = _dot3(wo, wo_lo, tl.trans(vk), tl.trans(vk_lo), tl.zeros((BC, BR), tl.float32), DOT_PREC)
+                        xtn = _dot3(wo, wo_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
                     num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) * qinv
                     if FULL or PAIRWISE:
                         qs = tl.zeros_like(q)
@@ -499,14 +511,14 @@ def _tile_kernel(
                             tl.store(slot_lo + h * (2 * TILE) + TILE + c[:, None] * BR + r[None, :], b_lo)
                     else:
                         q2, q2_lo = _operand(q, vk.dtype, F16X3)
-                        z = _dot3(q2, q2_lo, gv, gv_lo, tl.zeros((BC, BR), tl.float32), DOT_PREC)
+                        z = _dot3(q2, q2_lo, gv, gv_lo, None, DOT_PREC)
                         nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
                         # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
                         bblk = _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, vk.dtype, PP, GIP, GT, LB,
                                                     DOT_PREC)
                         bb_hi, bb_lo = _operand(bblk, vk.dtype, F16X3)
-                        lam = _dot3(bb_hi, bb_lo, vk, vk_lo, tl.zeros((PP, DH), tl.float32), DOT_PREC)  # (PP, DH)
+                        lam = _dot3(bb_hi, bb_lo, vk, vk_lo, None, DOT_PREC)  # (PP, DH)
                         _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
             if ps == 0 and SPLIT and not FULL:
                 # regions -> words is complete: reduce it to its (GIP, GT) means now, so that its
@@ -697,13 +709,11 @@ class GlobalWeights:
 class Split16:
     """How one side's fp32 tile tensors are held for the ``f16x3`` dots (:func:`split16_planes`):
     Q/Kk/O and gam are the fp16 hi planes of (2, ...) tensors, scaled by ``sigma`` (features)
-    and ``sigma_gam`` (Γ blocks; a power of four), the lo planes ``lo`` and ``lo_gam``
-    elements further on."""
+    and ``sigma_gam`` (Γ blocks; a power of four); each lo plane follows its hi plane, one
+    plane (``numel()`` elements) further on."""
 
     sigma: float
     sigma_gam: float
-    lo: int
-    lo_gam: int
 
 
 @dataclass
@@ -950,7 +960,8 @@ def _split_side(side):
     gam as fp16 hi planes (:func:`split16_planes`; Kk is Q / O is Q kept) and ``split`` set.
     Q, Kk and O share one sigma, so that every product of features (logits, numerators)
     carries the same factor."""
-    amax, amax_gam = max(_amax(side.Q), _amax(side.Kk), _amax(side.O)), _amax(side.gam)
+    feats = {id(t): t for t in (side.Q, side.Kk, side.O)}.values()  # Kk / O are often Q itself: read it once
+    amax, amax_gam = max(_amax(t) for t in feats), _amax(side.gam)
     sigma, sigma_gam = split16_scale(amax), split16_scale(amax_gam, power_of_four=True)
     if max(amax * sigma, amax_gam * sigma_gam) > F16X3_MAX:
         raise ValueError(f"features up to |x| = {amax:.3g} (Γ {amax_gam:.3g}) are too large for the fp32 tiles' fp16 "
@@ -959,7 +970,7 @@ def _split_side(side):
     Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma)[0]
     O = Q if side.O is side.Q else split16_planes(side.O, sigma)[0]
     gam = split16_planes(side.gam, sigma_gam)[0]
-    return dataclasses.replace(side, Q=Q, Kk=Kk, O=O, gam=gam, split=Split16(sigma, sigma_gam, Q.numel(), gam.numel()))
+    return dataclasses.replace(side, Q=Q, Kk=Kk, O=O, gam=gam, split=Split16(sigma, sigma_gam))
 
 
 def _configs(interpret: bool):
@@ -1111,7 +1122,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             s_i2t, s_t2i, b_eps = s_i2t / A, s_t2i / A, b_eps * A
             vnorm = img.norm * (A / math.sqrt(sw.sigma_gam))
             wnorm = b.norm * (A / math.sqrt(sv.sigma_gam))
-            lo_offsets = (sv.lo, sw.lo, sv.lo_gam, sw.lo_gam)
+            lo_offsets = (img.Q.numel(), b.Q.numel(), img.gam.numel(), b.gam.numel())  # see Split16
         GI, GT = meta["GI"], meta["GT"]
         n_tt = triton.cdiv(b.Mb, GT)
         chunk = N if plan.glob is None else max(GI, (global_pairs // max(b.Mb, 1)) // GI * GI)
