@@ -101,10 +101,11 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                 ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
                                            pairwise=full, embed=not full, HKP=tiles.hkp_of(H, K),
                                            dot_prec=prec)
-                sig = dict(S_ptr="*fp32", stride_sn="i64", stride_sm="i64", vq_ptr=st, vk_ptr=st, vo_ptr=st,
-                           stride_vh="i64:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
-                           wq_ptr=st, wk_ptr=st, wo_ptr=st, wmask_ptr="*i8", wnorm_ptr="*fp32", wcol_ptr="*i32",
-                           wgam_ptr=st, scratch_ptr=st, kap_ptr=kl, lam_ptr=kl,
+                # integer types as the COCO launch passes them (Triton types an int below 2^31 i32)
+                sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", vq_ptr=st, vk_ptr=st, vo_ptr=st,
+                           stride_vh="i32:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
+                           wq_ptr=st, wk_ptr=st, wo_ptr=st, stride_wh="i32:16", wmask_ptr="*i8", wnorm_ptr="*fp32",
+                           wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=st, kap_ptr=kl, lam_ptr=kl,
                            lo_v="i32", lo_w="i32", lo_gv="i32", lo_gw="i32",
                            N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")

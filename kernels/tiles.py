@@ -328,10 +328,11 @@ def _tile_kernel(
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
     # norm (n*K,) fp32; gam: FULL (n, HKP, HKP) Γv with rows h*K + k, else (n, H, K, K) the Γv_h blocks
     vq_ptr, vk_ptr, vo_ptr, stride_vh, vmask_ptr, vnorm_ptr, vgam_ptr,
-    # texts of ONE length bucket: Q/Kk/O (H, Mb*LB, DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32;
-    # col (Mb,) int32 S column of each bucket text; gam: FULL (Mb, HL, HL) Γw with rows h*LB + l,
-    # else (Mb, H, LB, LB) the Γw_h blocks
-    wq_ptr, wk_ptr, wo_ptr, wmask_ptr, wnorm_ptr, wcol_ptr, wgam_ptr,
+    # texts of ONE length bucket: Q/Kk/O (H, Mb*LB, DH), head stride stride_wh (read under
+    # I64_HEADS, else Mb*LB*DH); mask (Mb*LB,) int8; norm (Mb*LB,) fp32; col (Mb,) int32 S column
+    # of each bucket text; gam: FULL (Mb, HL, HL) Γw with rows h*LB + l, else (Mb, H, LB, LB)
+    # the Γw_h blocks
+    wq_ptr, wk_ptr, wo_ptr, stride_wh, wmask_ptr, wnorm_ptr, wcol_ptr, wgam_ptr,
     # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
     # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
     scratch_ptr, kap_ptr, lam_ptr,
@@ -345,7 +346,7 @@ def _tile_kernel(
     GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
-    PAIRWISE: tl.constexpr, EMBED: tl.constexpr,
+    PAIRWISE: tl.constexpr, EMBED: tl.constexpr, I64_HEADS: tl.constexpr,
     DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
@@ -372,7 +373,6 @@ def _tile_kernel(
     d = tl.arange(0, DH)
     slot_i = tl.arange(0, GIP)
     tt = tl.arange(0, GT)
-    w_head = Mb * LB * DH
     c_i2t = s_i2t * LOG2E
     c_t2i = s_t2i * LOG2E
     v_off = r[:, None] * DH + d[None, :]  # int32, within a tile
@@ -426,9 +426,17 @@ def _tile_kernel(
                 cnt_t = tl.maximum(tl.sum(tl.reshape(w_valid.to(tl.float32), (GT, LB)), axis=1), 1.0)
             for h in range(H):
                 # a scalar int64 base + int32 in-tile offsets: the offsets are loop invariants,
-                # live through the whole kernel, and int64 ones spill (offline sm_90 report)
-                hv = h * stride_vh + v_first
-                hw = h * w_head + w_first
+                # live through the whole kernel, and int64 ones spill (offline sm_90 report).
+                # I64_HEADS (tile_meta): h·stride in int64, where int32 would overflow. Elsewhere
+                # int32 products, and the bucket's contiguous head stride Mb·LB·DH: int64 ones
+                # everywhere cost the offline sm_90 build 60 % more spills (paper bf16, bucket
+                # 16: 480 -> 768 B per thread)
+                if I64_HEADS:
+                    hv = h * stride_vh.to(tl.int64) + v_first
+                    hw = h * stride_wh.to(tl.int64) + w_first
+                else:
+                    hv = h * stride_vh + v_first
+                    hw = h * (Mb * (LB * DH)) + w_first
                 if ps == 0:
                     vq = tl.load((vq_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
                     wk = tl.load((wk_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
@@ -996,7 +1004,7 @@ def _prune(configs, named_args, **meta):
 
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
-             "DOT_PREC"]
+             "DOT_PREC", "I64_HEADS"]
 # S is restored after each timed config: with EMBED the tile adds to what S holds
 _tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY, restore_value=["S_ptr"],
                               prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
@@ -1011,11 +1019,13 @@ def autotuned_configs() -> List[dict]:
 
 
 def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
-                    embed: bool, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+                    embed: bool, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS,
+                    i64_heads: bool = False) -> dict:
     """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
 
     H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
-    HKP the padded H*K of the full Γv (ignored unless ``full``)."""
+    HKP the padded H*K of the full Γv (ignored unless ``full``); ``i64_heads``: the heads'
+    element offsets need int64 (:func:`tile_meta`)."""
     GI, BR = image_tile_shape(K, rows)
     BC = max(cols, LB)
     GT = BC // LB
@@ -1023,7 +1033,8 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     PP = max(_MIN_DOT if dot_prec in ("tf32x3", "f16x3") else PAIR_ROWS, GIP * GT)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
-                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec)
+                FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
+                I64_HEADS=i64_heads)
 
 
 def hkp_of(H: int, K: int) -> int:
@@ -1033,12 +1044,18 @@ def hkp_of(H: int, K: int) -> int:
 
 def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
               cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
-    """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``."""
+    """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``. I64_HEADS where
+    the last head's offset (H - 1)·stride outgrows int32 (D = 1024: from ~67 K images of 36
+    regions, ~75 K captions in bucket 32 or ~150 K in bucket 16 on), or where the bucket's
+    heads are not contiguous (only the I64_HEADS path reads its stride)."""
     img = plan.images
     H, _, DH = img.Q.shape
+    i64_heads = ((H - 1) * max(img.Q.stride(0), bucket.Q.stride(0)) >= 2**31
+                 or bucket.Q.stride(0) != bucket.Q.shape[1] * DH)
     return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
                            pairwise=plan.glob is not None, embed=embed,
-                           HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows)
+                           HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows,
+                           i64_heads=i64_heads)
 
 
 def _num_sms(device) -> int:
@@ -1143,7 +1160,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             args = (out[lo:hi], out.stride(0), out.stride(1),
                     img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], vnorm[rs],
                     img.gam[lo:hi],
-                    b.Q, b.Kk, b.O, b.mask, wnorm, b.col, b.gam,
+                    b.Q, b.Kk, b.O, b.Q.stride(0), b.mask, wnorm, b.col, b.gam,
                     scratch, kap, lam, *lo_offsets,
                     hi - lo, b.Mb, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)

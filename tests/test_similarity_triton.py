@@ -10,6 +10,7 @@ the chunked global score all run with a handful of items. ``--device cuda`` runs
 same tests on a GPU, plus the ``gpu``-marked ones: fp16 / bf16, full-size shapes, the
 fp32 (f16x3) and tf32 paths and torch.compile.
 """
+import dataclasses
 import math
 import zlib
 
@@ -391,3 +392,51 @@ def test_torch_compile_traces_the_op(variant, device):
     fn = torch.compile(fused, fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
     S = fn(case["V"], case["W"], case.get("G"), case.get("global_emb"))
     assert_scores_close(S, reference(case), torch.float32, "compiled op")
+
+
+def _spread_heads(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
+    """x (H, R, DH) contiguous (with ``planes`` = 2, an fp32 tile's fp16 hi plane, its lo
+    plane one numel() further on: tiles.Split16) copied into a buffer whose heads lie
+    ``stride`` elements apart. On CPU the untouched gaps are never backed by memory (a
+    large allocation is mapped lazily)."""
+    H, R, DH = x.shape
+    n = x.numel()
+    buf = torch.empty((planes - 1) * n + (H - 1) * stride + R * DH, dtype=x.dtype, device=x.device)
+    for p in range(planes):
+        src = x.as_strided(x.shape, x.stride(), x.storage_offset() + p * n)
+        buf.as_strided(x.shape, (stride, DH, 1), p * n).copy_(src)
+    return buf.as_strided(x.shape, (stride, DH, 1))
+
+
+def _spread_side(side, stride: int):
+    """A TileImages / TextBucket with its Q/Kk/O spread to head stride ``stride`` (Kk / O
+    stay Q itself where they were)."""
+    planes = 1 if side.split is None else 2
+    q = _spread_heads(side.Q, stride, planes)
+    other = lambda t: q if t is side.Q else _spread_heads(t, stride, planes)  # noqa: E731
+    return dataclasses.replace(side, Q=q, Kk=other(side.Kk), O=other(side.O))
+
+
+@pytest.mark.parametrize("side", ["images", "texts"])
+@pytest.mark.parametrize("st", [torch.float16, torch.float32], ids=["fp16", "fp32-f16x3"])
+@pytest.mark.parametrize("variant", ["acf-code", "paper"])
+def test_head_offsets_past_two_to_the_31(variant, st, side, device):
+    """Features of a large gallery span more than 2^31 elements on one side (H·M·LB·DH at
+    D = 1024: ~75 K captions of 32 tokens, ~67 K images of 36 regions), while each head's
+    stride still fits in int32. Head h's base offset h·stride must then be int64: here one
+    side's heads lie 2^30 elements apart, so heads 2 and 3 start past 2^31, and the launch
+    must give exactly what the contiguous layout gives."""
+    case = make_case(3, 5, 4, 6, D=64, H=4, variant=variant, seed=31, device=device)
+    plan, scale = _plan(case, st)
+    want = torch.full((3, 5), float("nan"), device=device)
+    _launch(case, want, plan=plan, rows=16, cols=16)
+    if side == "images":
+        far = dataclasses.replace(plan, images=_spread_side(plan.images, 2**30))
+    else:
+        far = dataclasses.replace(plan, buckets=[_spread_side(b, 2**30) for b in plan.buckets])
+    assert tiles.tile_meta(far, far.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
+    assert not tiles.tile_meta(plan, plan.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
+    got = torch.full((3, 5), float("nan"), device=device)
+    _launch(case, got, plan=far, rows=16, cols=16)
+    assert_scores_close(want, reference(case), st, "contiguous heads")
+    assert torch.equal(got, want)
