@@ -186,6 +186,21 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double().cpu() - b.double().cpu()).abs().max())
 
 
+def _v1_kernel(case: dict, H: int, device):
+    """Kernel v1 alone on ``case``, its per-item precompute done here (untimed): a callable
+    that writes S into ``out`` (N, M) fp32, NaN until then, and ``out``. The inputs it
+    prepared go when the callable does."""
+    from acf_fast.kernels import pair_v1
+
+    vm, wm, wts, sc = check_similarity_inputs(
+        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=H, scale=case["scale"], u1=case["u1"],
+        u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
+    img, txt = pair_v1.prepare_sides(case["V"], vm, case["W"], wm, heads=H, weights=wts, G=case.get("G"))
+    out = torch.full((vm.shape[0], wm.shape[0]), float("nan"), device=device)
+    return (lambda: pair_v1.launch_similarity(img, txt, out, scale=sc, u1=case["u1"], u2=case["u2"],
+                                              global_emb=case.get("global_emb"))), out
+
+
 def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_tflops) -> dict:
     from acf_fast.kernels import pair_v1, tiles
     from acf_fast.kernels import similarity as ks
@@ -217,17 +232,8 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
     rec["v2_slice_s"], rec["v2_slice_first_s"] = t["median_s"], t["first_s"]
     if dtype == torch.float32 and not args.smoke:  # v1's fp32 dots run on CUDA cores: a smaller slice
         v1_nm = (v1_nm[0] // 4, v1_nm[1] // 4)
-    v1_case = sliced(case, *v1_nm)
-    vm, wm, wts, sc = check_similarity_inputs(
-        v1_case["V"], v1_case["v_mask"], v1_case["W"], v1_case["w_mask"], heads=H, scale=v1_case["scale"],
-        u1=v1_case["u1"], u2=v1_case["u2"], weights=v1_case.get("weights"), G=v1_case.get("G"),
-        global_emb=v1_case.get("global_emb"))
-    img, txt = pair_v1.prepare_sides(v1_case["V"], vm, v1_case["W"], wm, heads=H, weights=wts, G=v1_case.get("G"))
-    out1 = torch.empty(*v1_nm, device=device)
-    v1_pp, t = per_pair(v1_nm, lambda: pair_v1.launch_similarity(img, txt, out1, scale=sc, u1=v1_case["u1"],
-                                                                  u2=v1_case["u2"], global_emb=v1_case.get("global_emb")))
+    v1_pp, t = per_pair(v1_nm, _v1_kernel(sliced(case, *v1_nm), H, device)[0])
     rec["v1_slice"], rec["v1_kernel_slice_s"] = v1_nm, t["median_s"]
-    del img, txt, out1
     t_case = sliced(case, *torch_nm)
     torch_pp, t = per_pair(torch_nm, lambda: score(t_case, "torch"))
     rec["torch_slice"], rec["torch_slice_s"] = torch_nm, t["median_s"]
@@ -252,13 +258,8 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
     rec["check_pairs"] = n * m
     rec["torch64_vs_reference"] = _err(S64[:rn, :rm], ref)
     rec["v2_vs_float64"] = _err(S_new, S64)
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
-        c_case["V"], c_case["v_mask"], c_case["W"], c_case["w_mask"], heads=H, scale=c_case["scale"], u1=c_case["u1"],
-        u2=c_case["u2"], weights=c_case.get("weights"), G=c_case.get("G"), global_emb=c_case.get("global_emb"))
-    img, txt = pair_v1.prepare_sides(c_case["V"], v_mask, c_case["W"], w_mask, heads=H, weights=weights, G=c_case.get("G"))
-    S_v1 = torch.full((n, m), float("nan"), device=device)
-    pair_v1.launch_similarity(img, txt, S_v1, scale=scale, u1=c_case["u1"], u2=c_case["u2"],
-                              global_emb=c_case.get("global_emb"))
+    v1, S_v1 = _v1_kernel(c_case, H, device)
+    v1()
     rec["v1_vs_float64"] = _err(S_v1 + plant, S64)
     for key in ("torch64_vs_reference", "v2_vs_float64", "v1_vs_float64"):
         limit = 1e-9 if key == "torch64_vs_reference" else tol
@@ -266,7 +267,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
             rec["failures"].append(f"contract: {key} = {rec[key]:.3e} > {limit:g}")
     log(f"[{variant} {dname}] |v2 - f64| {rec['v2_vs_float64']:.2e}  |v1 - f64| {rec['v1_vs_float64']:.2e}  "
         f"(contract {tol:g}, {n * m} pairs; torch f64 vs reference {rec['torch64_vs_reference']:.1e})")
-    del S64, img, txt
+    del S64, v1, S_v1
 
     # 3. the full grid, once
     flops = grid_flops(k_valid.tolist(), l_valid.tolist(), D, H, variant)
