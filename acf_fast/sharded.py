@@ -32,7 +32,6 @@ split), :func:`fill_sharded` replaces ``ChunkCache.fill``:
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,7 +86,7 @@ def ranks(device="auto"):
     if distributed.env_world_size() <= 1:
         yield Ranks(device=device)
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = distributed.env_local_rank()
     dev = rank_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

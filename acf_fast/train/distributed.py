@@ -38,13 +38,18 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_local_rank() -> int:
+    """LOCAL_RANK as ``torchrun`` sets it: this process's index on its node (0 without)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def setup(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo:
     """Join the process group described by the environment (or an existing one).
 
     ``timeout``: how long a collective or send/recv may wait for the other ranks
     (torch's default when None: 10 minutes for NCCL, 30 for gloo)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), env_local_rank(), False)
     world = env_world_size()
     if world <= 1:
         return DistInfo()
@@ -52,7 +57,7 @@ def setup(device: torch.device, timeout: Optional[timedelta] = None) -> DistInfo
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this torch build")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), env_local_rank(), True)
 
 
 def teardown(info: DistInfo) -> None:
