@@ -76,8 +76,8 @@ def test_fp32_acf_code_tile_is_f16x3_on_wgmma_at_under_two_and_a_half_bf16_tiles
         f"{r['warp_instructions_per_pair']:.0f} vs bf16 {bf16['warp_instructions_per_pair']:.0f}"
 
 
-@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.15-0.9 KB per thread (acf-code 152 B in its leanest "
-                                       "configuration at bucket 16, none at 32; the one-pass tile 436 B, paper 0.7-0.9 KB, "
+@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.15-0.5 KB per thread (acf-code 144 B in its leanest "
+                                       "configuration at bucket 16, none at 32; the one-pass tile 440 B, paper ~0.5 KB, "
                                        "much of it in paper's loop over the heads): open")
 def test_no_shipped_configuration_spills(records):
     for r in records.values():
