@@ -49,10 +49,15 @@ def test_forward_matches_float64reference(name, shape, variant, wnames, masks, D
     assert_scores_close(S, ref, torch.float32, name)
 
 
-def _plan(case, st=torch.float32):
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
+def _checked(case):
+    """check_similarity_inputs on a case: (v_mask, w_mask, weights, scale)."""
+    return check_similarity_inputs(
         case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
         u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
+
+
+def _plan(case, st=torch.float32):
+    v_mask, w_mask, weights, scale = _checked(case)
     plan = tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
                             G=case.get("G"), st=st)
     return plan, scale
@@ -62,7 +67,7 @@ def _launch(case, out, plan=None, **kw):
     if plan is None:
         plan, scale = _plan(case)
     else:
-        scale = _plan(case)[1]
+        scale = _checked(case)[3]
     ge = case.get("global_emb")
     return tiles.launch_tiles(plan, out, scale=scale, u1=case["u1"], u2=case["u2"],
                               gi=None if ge is None else ge[0].float().contiguous(),
@@ -427,7 +432,7 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, device):
     side's heads lie 2^30 elements apart, so heads 2 and 3 start past 2^31, and the launch
     must give exactly what the contiguous layout gives."""
     case = make_case(3, 5, 4, 6, D=64, H=4, variant=variant, seed=31, device=device)
-    plan, scale = _plan(case, st)
+    plan, _ = _plan(case, st)
     want = torch.full((3, 5), float("nan"), device=device)
     _launch(case, want, plan=plan, rows=16, cols=16)
     if side == "images":
