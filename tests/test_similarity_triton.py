@@ -422,23 +422,29 @@ def _spread_side(side, stride: int):
     return dataclasses.replace(side, Q=q, Kk=other(side.Kk), O=other(side.O))
 
 
-@pytest.mark.parametrize("side", ["images", "texts"])
+@pytest.mark.parametrize("side,gap", [("images", "far"), ("texts", "far"), ("texts", "small")])
 @pytest.mark.parametrize("st", [torch.float16, torch.float32], ids=["fp16", "fp32-f16x3"])
 @pytest.mark.parametrize("variant", ["acf-code", "paper"])
-def test_head_offsets_past_two_to_the_31(variant, st, side, device):
+def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     """Features of a large gallery span more than 2^31 elements on one side (H·M·LB·DH at
     D = 1024: ~75 K captions of 32 tokens, ~67 K images of 36 regions), while each head's
     stride still fits in int32. Head h's base offset h·stride must then be int64: here one
-    side's heads lie 2^30 elements apart, so heads 2 and 3 start past 2^31, and the launch
-    must give exactly what the contiguous layout gives."""
+    side's heads lie 2^30 elements apart ("far"), so heads 2 and 3 start past 2^31, and the
+    launch must give exactly what the contiguous layout gives. "small": text heads spread
+    less far, but not contiguous: only the int64 path reads their stride."""
     case = make_case(3, 5, 4, 6, D=64, H=4, variant=variant, seed=31, device=device)
     plan, _ = _plan(case, st)
     want = torch.full((3, 5), float("nan"), device=device)
     _launch(case, want, plan=plan, rows=16, cols=16)
+
+    def spread(x):
+        # "small": a plane and a head apart, so that the lo plane one numel() after each head (fp32) is free
+        return _spread_side(x, 2**30 if gap == "far" else x.Q.numel() + x.Q.shape[1] * x.Q.shape[2])
+
     if side == "images":
-        far = dataclasses.replace(plan, images=_spread_side(plan.images, 2**30))
+        far = dataclasses.replace(plan, images=spread(plan.images))
     else:
-        far = dataclasses.replace(plan, buckets=[_spread_side(b, 2**30) for b in plan.buckets])
+        far = dataclasses.replace(plan, buckets=[spread(b) for b in plan.buckets])
     assert tiles.tile_meta(far, far.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
     assert not tiles.tile_meta(plan, plan.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
     got = torch.full((3, 5), float("nan"), device=device)
