@@ -186,15 +186,20 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double().cpu() - b.double().cpu()).abs().max())
 
 
+def _checked(case: dict, H: int):
+    """check_similarity_inputs on a case of H heads: (v_mask, w_mask, weights, scale)."""
+    return check_similarity_inputs(case["V"], case["v_mask"], case["W"], case["w_mask"], heads=H, scale=case["scale"],
+                                   u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"),
+                                   global_emb=case.get("global_emb"))
+
+
 def _v1_kernel(case: dict, H: int, device):
     """Kernel v1 alone on ``case``, its per-item precompute done here (untimed): a callable
     that writes S into ``out`` (N, M) fp32, NaN until then, and ``out``. The inputs it
     prepared go when the callable does."""
     from acf_fast.kernels import pair_v1
 
-    vm, wm, wts, sc = check_similarity_inputs(
-        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=H, scale=case["scale"], u1=case["u1"],
-        u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
+    vm, wm, wts, sc = _checked(case, H)
     img, txt = pair_v1.prepare_sides(case["V"], vm, case["W"], wm, heads=H, weights=wts, G=case.get("G"))
     out = torch.full((vm.shape[0], wm.shape[0]), float("nan"), device=device)
     return (lambda: pair_v1.launch_similarity(img, txt, out, scale=sc, u1=case["u1"], u2=case["u2"],
@@ -278,11 +283,7 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
         (rec["notes"] if args.quick else rec["failures"]).append(msg)
         log(f"[{variant} {dname}] {msg}")
     else:
-        full_args = check_similarity_inputs(case["V"], case["v_mask"], case["W"], case["w_mask"], heads=H,
-                                            scale=case["scale"], u1=case["u1"], u2=case["u2"],
-                                            weights=case.get("weights"), G=case.get("G"),
-                                            global_emb=case.get("global_emb"))
-        vm, wm, wts, sc = full_args
+        vm, wm, wts, sc = _checked(case, H)
         st = ks.storage_dtype(dtype)
         meter = _energy_meter(device)
         sync(device)

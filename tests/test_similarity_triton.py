@@ -273,10 +273,7 @@ def test_pair_kernel_v1_still_matchesreference(device):
     figures are only worth comparing while it is right."""
     for variant in ("paper", "acf-code"):
         case = make_case(2, 3, 5, 4, variant=variant, seed=4, device=device)
-        v_mask, w_mask, weights, scale = check_similarity_inputs(
-            case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
-            u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"),
-            global_emb=case.get("global_emb"))
+        v_mask, w_mask, weights, scale = _checked(case)
         img, txt = pair_v1.prepare_sides(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
                                          G=case.get("G"))
         out = torch.full((2, 3), float("nan"), device=device)
@@ -385,9 +382,7 @@ def test_torch_compile_traces_the_op(variant, device):
     import torch._dynamo
 
     case = make_case(3, 4, 5, 6, D=64, H=4, variant=variant, seed=4, device=device)
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
-        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
-        u1=case["u1"], u2=case["u2"], weights=case["weights"], G=case.get("G"), global_emb=case.get("global_emb"))
+    v_mask, w_mask, weights, scale = _checked(case)
 
     def fused(V, W, G, emb):
         return ks.launch_similarity(V, v_mask, W, w_mask, heads=case["heads"], scale=scale, u1=case["u1"],
