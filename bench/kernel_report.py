@@ -95,7 +95,9 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
             # fp32 tiles are held as fp16 pairs (f16x3 dots, tiles.plan_tiles); κ / λ come back in fp32
             st = "*bf16" if dname == "bf16" else "*fp16"
             prec = "tf32" if dname == "bf16" else "f16x3"
-            kl = "*fp32" if dname == "fp32" else st
+            # κ / λ and the scratch exist for full Γ only: elsewhere launch_tiles passes the fp32 norms
+            kl = "*fp32" if dname == "fp32" or not full else st
+            scratch = st if full else "*fp32"
             for LB in buckets:
                 rows = K if full else tiles.image_rows(K)  # the block-diagonal layout's rows per image
                 ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
@@ -105,8 +107,8 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                 sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", vq_ptr=st, vk_ptr=st, vo_ptr=st,
                            stride_vh="i32:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, stride_wh="i32:16", wmask_ptr="*i8", wnorm_ptr="*fp32",
-                           wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=st, kap_ptr=kl, lam_ptr=kl,
-                           lo_v="i32", lo_w="i32", lo_gv="i32", lo_gw="i32",
+                           wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=scratch, kap_ptr=kl, lam_ptr=kl,
+                           lo_v="i32:16", lo_w="i32:16", lo_gv="i32:16", lo_gw="i32:16",
                            N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")
                 for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch

@@ -394,13 +394,71 @@ def test_torch_compile_traces_the_op(variant, device):
     assert_scores_close(S, reference(case), torch.float32, "compiled op")
 
 
+def _launch_arguments(case, st, variant_dtype):
+    """(report signature, launch signature, report attrs, launch attrs) for the tile kernel:
+    what bench/kernel_report.py compiles for ``variant_dtype`` against what the JIT makes of
+    the arguments launch_tiles passes for ``case`` planned in ``st`` (bound, not run)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from bench import kernel_report
+    from bench.offline_compile import _ast_arguments
+
+    kern = tiles._tile_kernel
+    calls = []
+
+    class Recorder:  # stands in for the kernel: launch_tiles' arguments, nothing run
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append((a, k))
+
+    plan, _ = _plan(case, st)
+    saved, tiles._tile_kernel = tiles._tile_kernel, Recorder()
+    try:
+        _launch(case, torch.empty(case["V"].shape[0], case["W"].shape[0], device=case["V"].device), plan=plan,
+                tuned=False)
+    finally:
+        tiles._tile_kernel = saved
+    jit = kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)  # interpreted: its options
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    (req,) = [r["request"] for r in kernel_report.v2_requests(*variant_dtype, buckets=(16,))][:1]
+    out = []
+    for args, kw in calls:
+        bound, spec, opts = binder(*args, **kw)
+        _, sig, _, attrs = jit._pack_args(backend, {"enable_fp_fusion": True}, bound, spec, opts)
+        want_sig, _, want_attrs = _ast_arguments(jit.arg_names, req["signature"], {k: 0 for k in kw
+                                                                                    if k in jit.arg_names})
+        out.append((want_sig, sig, want_attrs, {k: v for k, v in attrs.items() if v}))
+    return out
+
+
+@pytest.mark.parametrize("variant,st", [("acf-code", torch.float32), ("paper", torch.float32),
+                                        ("acf-code", torch.bfloat16), ("paper", torch.bfloat16)],
+                         ids=["acf-code-fp32", "paper-fp32", "acf-code-bf16", "paper-bf16"])
+def test_launch_passes_the_argument_types_the_kernel_report_compiles(variant, st, device):
+    """The offline report (bench/kernel_report.py) must build what a launch compiles: the
+    same argument types, and 16-divisible integers where the launch's are. An fp32 tile's lo
+    planes lie a multiple of 16 elements after their hi planes (tiles.lo_plane_offset), also
+    for Γ blocks of an odd size (K = 3 regions: 3 x 3 blocks), so the lo loads are vector
+    loads like the hi ones: with offsets of unknown alignment every lo element was a 16-bit
+    load (acf-code fp32, bucket 16: 13.8 K warp-instructions per pair, 11.6 K aligned)."""
+    case = make_case(3, 5, 3, 6, D=64, H=4, variant=variant, seed=7, device=device)
+    runs = _launch_arguments(case, st, ((variant,), ("bf16" if st == torch.bfloat16 else "fp32",)))
+    assert runs
+    for want_sig, sig, want_attrs, attrs in runs:
+        assert {k: v for k, v in sig.items() if v != "constexpr"} == \
+            {k: v for k, v in want_sig.items() if v != "constexpr"}
+        assert attrs == want_attrs
+
+
 def _spread_heads(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
     """x (H, R, DH) contiguous (with ``planes`` = 2, an fp32 tile's fp16 hi plane, its lo
-    plane one numel() further on: tiles.Split16) copied into a buffer whose heads lie
+    plane tiles.lo_plane_offset further on) copied into a buffer whose heads lie
     ``stride`` elements apart. On CPU the untouched gaps are never backed by memory (a
     large allocation is mapped lazily)."""
     H, R, DH = x.shape
-    n = x.numel()
+    n = tiles.lo_plane_offset(x)
     buf = torch.empty((planes - 1) * n + (H - 1) * stride + R * DH, dtype=x.dtype, device=x.device)
     for p in range(planes):
         src = x.as_strided(x.shape, x.stride(), x.storage_offset() + p * n)
@@ -433,8 +491,8 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     _launch(case, want, plan=plan, rows=16, cols=16)
 
     def spread(x):
-        # "small": a plane and a head apart, so that the lo plane one numel() after each head (fp32) is free
-        return _spread_side(x, 2**30 if gap == "far" else x.Q.numel() + x.Q.shape[1] * x.Q.shape[2])
+        # "small": a plane and a head apart, so that the lo plane a plane after each head (fp32) is free
+        return _spread_side(x, 2**30 if gap == "far" else tiles.lo_plane_offset(x.Q) + x.Q.shape[1] * x.Q.shape[2])
 
     if side == "images":
         far = dataclasses.replace(plan, images=spread(plan.images))
