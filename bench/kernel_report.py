@@ -99,9 +99,9 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
             kl = "*fp32" if dname == "fp32" or not full else st
             scratch = st if full else "*fp32"
             for LB in buckets:
-                rows = K if full else tiles.image_rows(K)  # the block-diagonal layout's rows per image
+                rows = tiles.image_rows(K, full_heads=H if full else None)  # the layout's rows per image
                 ce = tiles.tile_constexprs(H, DH, rows, LB, full=full, shared_qk=not full, o_is_q=not full,
-                                           pairwise=full, embed=not full, HKP=tiles.hkp_of(H, K),
+                                           pairwise=full, embed=not full, HKP=tiles.hkp_of(H, rows),
                                            dot_prec=prec)
                 # integer types as the COCO launch passes them (Triton types an int below 2^31 i32)
                 sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", vq_ptr=st, vk_ptr=st, vo_ptr=st,

@@ -631,15 +631,24 @@ def image_tile_shape(K: int, rows: int = TILE_ROWS) -> Tuple[int, int]:
     return gi, _pow2(gi * K)
 
 
-def image_rows(K: int, rows: int = TILE_ROWS) -> int:
-    """Rows per image in the block-diagonal tile layout: K padded with masked rows to a
-    multiple of 8 when the tile keeps its shape, else K. An image's segment of the tile
-    and its Γv block then start on 16-byte boundaries, so that the tile gathers the Γv
-    blocks with vector loads (36 -> 40 regions took the offline sm_90 build of the bf16
-    tile from 512 to 176 B of spills per thread and 8.4 K to 8.0 K warp-instructions per
-    pair; the tile holds 3 images in 128 rows either way)."""
+def image_rows(K: int, rows: int = TILE_ROWS, *, full_heads: Optional[int] = None) -> int:
+    """Rows per image in the tile layout: K padded with masked rows to a multiple of 8 when
+    the tile keeps its shape, else K. An image's segment of the tile and its Γv block then
+    start on 16-byte boundaries, so that the tile gathers the Γv blocks with vector loads
+    (36 -> 40 regions took the offline sm_90 build of the bf16 block-diagonal tile from 512
+    to 176 B of spills per thread and 8.4 K to 8.0 K warp-instructions per pair; the tile
+    holds 3 images in 128 rows either way).
+
+    Full Γ (``full_heads`` = H): only where the padded H·K keeps the same whole QUAD_CHUNK
+    columns of Γv (:func:`hkp_of`), so that its quadratic forms do the same work; there the
+    phase-B loads of an image's attention become vector loads too (36 -> 40, H = 8: paper
+    bf16, bucket 16, 13.7 K -> 12.3 K warp-instructions per pair, 488 -> 420 B of spills)."""
     kr = -(-K // 8) * 8
-    return kr if image_tile_shape(kr, rows) == image_tile_shape(K, rows) else K
+    if image_tile_shape(kr, rows) != image_tile_shape(K, rows):
+        return K
+    if full_heads is not None and hkp_of(full_heads, kr) != hkp_of(full_heads, K):
+        return K
+    return kr
 
 
 def bucket_of(length: int, buckets=None) -> int:
@@ -775,10 +784,10 @@ def _cat_sides(parts, dim_items):
 
 
 def tile_images(side, st: torch.dtype) -> TileImages:
-    """acf_fast.precompute.ItemSide of n images -> :class:`TileImages` (block-diagonal Γ:
-    each image's rows padded with masked zero rows to :func:`image_rows`)."""
+    """acf_fast.precompute.ItemSide of n images -> :class:`TileImages` (each image's rows
+    padded with masked zero rows to :func:`image_rows`)."""
     n, H, K, d = side.Q.shape
-    KR = image_rows(K) if side.block_diagonal else K
+    KR = image_rows(K, full_heads=None if side.block_diagonal else H)
     pad = torch.nn.functional.pad
 
     def rows(x):  # (n, H, K, d) -> (n, H, KR, d)
@@ -789,9 +798,10 @@ def tile_images(side, st: torch.dtype) -> TileImages:
                          head_width(H * d, H), st)
     if side.block_diagonal:  # (n, H, KR, KR): each image's Gram blocks
         gam = pad(side.gram.to(st), (0, KR - K, 0, KR - K)).contiguous()
-    else:
-        HK, hkp = H * K, hkp_of(H, K)
-        gam = pad(side.gram.to(st), (0, hkp - HK, 0, hkp - HK)).contiguous()
+    else:  # (n, HKP, HKP): row h*KR + k, each head's block padded to KR, then to HKP
+        g = pad(side.gram.to(st).view(n, H, K, H, K), (0, KR - K, 0, 0, 0, KR - K)).view(n, H * KR, H * KR)
+        HK, hkp = H * KR, hkp_of(H, KR)
+        gam = pad(g, (0, hkp - HK, 0, hkp - HK)).contiguous()
     mask = pad(side.mask.to(torch.int8), (0, KR - K))
     norm = pad(side.norm.to(torch.float32), (0, KR - K))
     return TileImages(Q, Kk, O, mask.reshape(-1).contiguous(), norm.reshape(-1).contiguous(), gam,

@@ -103,6 +103,25 @@ TILE_CASES = [
 def test_image_rows_pad_to_16_byte_rows_only_when_the_tile_keeps_its_shape():
     assert [tiles.image_rows(k) for k in (36, 40, 7, 43, 42, 3, 128)] == [40, 40, 8, 48, 42, 3, 128]
     assert tiles.image_tile_shape(40) == tiles.image_tile_shape(36) == (3, 128)
+    # full Γ: only where H·K keeps its whole 64-column chunks of Γv (8·36 and 8·40 both take 320)
+    assert [tiles.image_rows(k, full_heads=h) for k, h in ((36, 8), (20, 3), (20, 2), (5, 8))] == [40, 20, 24, 8]
+
+
+def test_full_gamma_images_padded_to_40_rows_keep_their_blocks():
+    """The paper layout of 36-region images pads each head's rows to 40: Γv row h·40 + k is
+    the precompute's row h·36 + k, zero in the padding, and the padded rows are masked."""
+    case = make_case(2, 3, 36, 5, D=32, H=8, variant="paper", seed=5)
+    plan, _ = _plan(case)
+    img = plan.images
+    assert img.K == 40 and img.gam.shape == (2, 320, 320)
+    from acf_fast.precompute import precompute_items
+    v_mask, _, weights, _ = _checked(case)
+    side = precompute_items(case["V"], v_mask, weights, 8, role="image", pairwise_global=False)
+    g = tiles.split16_planes(side.gram, img.split.sigma_gam)[0].view(2, 8, 36, 8, 36)
+    got = img.gam.view(2, 8, 40, 8, 40)
+    assert torch.equal(got[:, :, :36, :, :36], g)
+    assert not got[:, :, 36:].any() and not got[:, :, :, :, 36:].any()
+    assert not img.mask.view(2, 40)[:, 36:].any()
 
 
 @pytest.mark.parametrize("name,variant,wnames,shape,DH,tile,buckets", TILE_CASES, ids=[c[0] for c in TILE_CASES])
