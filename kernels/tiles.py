@@ -7,7 +7,7 @@ back (``GI·K`` region rows, padded to ``BR``), texts come from one length bucke
 per-pair structure lives only in *segmented* reductions: a text's tokens are a
 contiguous segment of LB columns (``tl.reshape`` to (.., GT, LB)), an image's regions
 a segment of K rows (``GI`` masked passes; K = 36 is not a power of two, and the
-block-diagonal layout pads it to 40 masked rows, :func:`image_rows`).
+layout pads it to 40 masked rows, :func:`image_rows`).
 
 Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :func:`_tile_kernel`.
 
