@@ -977,12 +977,11 @@ def split16_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
     :func:`split16_scale` nothing overflows, and values down to ~2^-37 of the largest keep
     their precision (the lo part's 2048 reaches below fp16's normals)."""
     xs = (x.float() * sigma).contiguous()
-    hi = xs.to(torch.float16)
-    off = lo_plane_offset(hi)
+    off = lo_plane_offset(xs)
     planes = torch.empty(2 * off, dtype=torch.float16, device=x.device).as_strided((2, *x.shape),
-                                                                                  (off, *hi.stride()))
-    planes[0] = hi
-    planes[1] = ((xs - hi.float()) * 2048.0).to(torch.float16)
+                                                                                  (off, *xs.stride()))
+    planes[0] = xs
+    planes[1] = xs.sub_(planes[0].float()).mul_(2048.0)  # in place (fp32 temporaries are GBs at COCO size)
     return planes
 
 
