@@ -78,7 +78,7 @@ def test_fp32_acf_code_tile_is_f16x3_on_wgmma_at_under_two_and_a_half_bf16_tiles
 
 
 @pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.15-0.5 KB per thread (acf-code 144 B in its leanest "
-                                       "configuration at bucket 16, none at 32; the one-pass tile 440 B, paper ~0.5 KB, "
+                                       "configuration at bucket 16, none at 32; the one-pass tile 440 B, paper 0.4 KB, "
                                        "much of it in paper's loop over the heads): open")
 def test_no_shipped_configuration_spills(records):
     for r in records.values():

@@ -441,13 +441,13 @@ def _launch_arguments(case, st, variant_dtype):
     jit = kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)  # interpreted: its options
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(jit.signature, jit.params, backend)
-    (req,) = [r["request"] for r in kernel_report.v2_requests(*variant_dtype, buckets=(16,))][:1]
+    report_sig = kernel_report.v2_requests(*variant_dtype, buckets=(16,))[0]["request"]["signature"]
     out = []
     for args, kw in calls:
         bound, spec, opts = binder(*args, **kw)
         _, sig, _, attrs = jit._pack_args(backend, {"enable_fp_fusion": True}, bound, spec, opts)
-        want_sig, _, want_attrs = _ast_arguments(jit.arg_names, req["signature"], {k: 0 for k in kw
-                                                                                    if k in jit.arg_names})
+        constexprs = {k: v for k, v in kw.items() if k in jit.arg_names}  # (their values do not matter here)
+        want_sig, _, want_attrs = _ast_arguments(jit.arg_names, report_sig, constexprs)
         out.append((want_sig, sig, want_attrs, {k: v for k, v in attrs.items() if v}))
     return out
 
