@@ -1130,6 +1130,18 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(ah, bh).float() + torch.mm(ah, bl).float() + torch.mm(al, bh).float()
 
 
+def _aligned_chunk_step(GI: int, out: torch.Tensor, img: TileImages) -> int:
+    """Images per step of a launch's chunks: whole image tiles (GI images) whose slices of
+    S, of the features, masks, norms and Γ all start on 16-byte boundaries like the first
+    chunk's, so that every chunk runs the one compiled kernel (the JIT specialises pointers
+    on 16-byte alignment: a misaligned chunk was a second compile, with unvectorised loads)."""
+    step = GI
+    for per_image, size in ((out.stride(0), out.element_size()), (img.K * img.Q.shape[2], img.Q.element_size()),
+                            (img.K, img.mask.element_size()), (img.K, 4), (img.gam.stride(0), img.gam.element_size())):
+        step = math.lcm(step, 16 // math.gcd(16, per_image * size))
+    return step
+
+
 def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: float,
                  gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
                  cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
@@ -1168,7 +1180,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             lo_offsets = tuple(lo_plane_offset(t) for t in (img.Q, b.Q, img.gam, b.gam))  # see Split16
         GI, GT = meta["GI"], meta["GT"]
         n_tt = triton.cdiv(b.Mb, GT)
-        chunk = N if plan.glob is None else max(GI, (global_pairs // max(b.Mb, 1)) // GI * GI)
+        step = _aligned_chunk_step(GI, out, img)
+        chunk = N if plan.glob is None else max(step, (global_pairs // max(b.Mb, 1)) // step * step)
         for lo in range(0, N, chunk):
             hi = min(N, lo + chunk)
             n_tiles = triton.cdiv(hi - lo, GI) * n_tt

@@ -413,7 +413,7 @@ def test_torch_compile_traces_the_op(variant, device):
     assert_scores_close(S, reference(case), torch.float32, "compiled op")
 
 
-def _launch_arguments(case, st, variant_dtype):
+def _launch_arguments(case, st, variant_dtype, **launch_kw):
     """(report signature, launch signature, report attrs, launch attrs) for the tile kernel:
     what bench/kernel_report.py compiles for ``variant_dtype`` against what the JIT makes of
     the arguments launch_tiles passes for ``case`` planned in ``st`` (bound, not run)."""
@@ -435,7 +435,7 @@ def _launch_arguments(case, st, variant_dtype):
     saved, tiles._tile_kernel = tiles._tile_kernel, Recorder()
     try:
         _launch(case, torch.empty(case["V"].shape[0], case["W"].shape[0], device=case["V"].device), plan=plan,
-                tuned=False)
+                tuned=False, **launch_kw)
     finally:
         tiles._tile_kernel = saved
     jit = kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)  # interpreted: its options
@@ -469,6 +469,19 @@ def test_launch_passes_the_argument_types_the_kernel_report_compiles(variant, st
         assert {k: v for k, v in sig.items() if v != "constexpr"} == \
             {k: v for k, v in want_sig.items() if v != "constexpr"}
         assert attrs == want_attrs
+
+
+def test_every_chunk_of_a_launch_compiles_to_the_same_kernel(device):
+    """With the pairwise global score the tiles launch per chunk of images; every chunk's
+    arguments must specialise like the first one's, or each misaligned chunk compiles (and
+    runs) another variant of the kernel: chunks of 4 images of K = 3 regions started their
+    int8 region masks 12 bytes into a 16-byte line."""
+    case = make_case(37, 5, 3, 6, D=64, H=4, variant="paper", seed=8, device=device)
+    pairs_per_chunk = 4 * 5  # asks for chunks of 4 images (one tile) of the 5 texts
+    runs = _launch_arguments(case, torch.float32, (("paper",), ("fp32",)), global_pairs=pairs_per_chunk)
+    assert len(runs) >= 2
+    for want_sig, sig, want_attrs, attrs in runs:
+        assert (sig, attrs) == runs[0][1:4:2]
 
 
 def _spread_heads(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
