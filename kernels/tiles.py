@@ -588,9 +588,11 @@ def _tile_kernel(
 
 # --------------------------------------------------------------------------- host side
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import List, Optional, Tuple  # noqa: E402
 
@@ -1130,6 +1132,81 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(ah, bh).float() + torch.mm(ah, bl).float() + torch.mm(al, bh).float()
 
 
+class CompileAhead:
+    """What a :func:`compile_ahead` block collected: ``requests``, one (grid, args, kwargs)
+    per tile-kernel build that the launches inside it need (every configuration the
+    autotuner may try); after the block, ``builds`` compiled in ``seconds`` on ``workers``
+    threads (none under the interpreter)."""
+
+    def __init__(self):
+        self.requests: List[tuple] = []
+        self.builds = 0
+        self.seconds = 0.0
+        self.workers = 0
+
+    def compile(self, workers: Optional[int] = None, kernel=None) -> None:
+        """Build every request through the JIT's own path (``warmup``: same keys as the
+        launches), the builds on a thread pool. ``kernel``: the tile kernel (tests pass a stand-in)."""
+        kernel = _tile_kernel if kernel is None else kernel
+        if _INTERPRET and kernel is _tile_kernel:
+            return  # nothing to compile
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = workers or os.cpu_count() or 1
+        t0 = time.perf_counter()
+        try:  # triton 3.6-3.9 (private module): warmup hands the build to the pool and returns
+            from triton.runtime._async_compile import AsyncCompileMode
+        except ImportError:
+            AsyncCompileMode = None
+        with ThreadPoolExecutor(self.workers) as pool, \
+                (AsyncCompileMode(pool) if AsyncCompileMode else contextlib.nullcontext()):
+            for grid, args, kwargs in self.requests:
+                kernel.warmup(*args, grid=grid, **kwargs)
+        self.builds = len({_request_key(r) for r in self.requests})
+        self.seconds = time.perf_counter() - t0
+
+
+def _request_key(request) -> tuple:
+    """The compile-relevant part of a compile-ahead request: its constexprs and options
+    (its tensors' sizes are not in the kernel's key)."""
+    return tuple(sorted((k, str(v)) for k, v in request[2].items()))
+
+
+_AHEAD: Optional[CompileAhead] = None
+
+
+@contextlib.contextmanager
+def compile_ahead(workers: Optional[int] = None):
+    """Compile the tile kernels that the similarity calls inside the block need, all at
+    once on ``workers`` threads (default: every CPU), instead of one after another at their
+    first launch. Inside the block nothing is launched: S comes back all zeros, scores of
+    nothing, to be discarded (NaN would trip the callers' overflow checks). On leaving it
+    every configuration the autotuner may try for those launches is built, so that later
+    calls only load and time them (Triton's compiler releases the GIL: two sm_90 tile builds
+    took 4.7 s on two threads here, 10.8 s one after the other). Sizes are not in the
+    kernels' keys, so a few images and texts per bucket, dtype and variant compile what a
+    full grid runs (up to 2^31 elements per side). Yields the :class:`CompileAhead`.
+
+        with tiles.compile_ahead():
+            acf_similarity(V[:8], v_mask[:8], W[:256], w_mask[:256], backend="triton", ...)
+    """
+    global _AHEAD
+    if _AHEAD is not None:
+        raise RuntimeError("compile_ahead blocks do not nest")
+    ahead = _AHEAD = CompileAhead()
+    try:
+        yield ahead
+    finally:
+        _AHEAD = None
+    ahead.compile(workers)
+
+
+def _untuned_kwargs(split: Optional[bool]) -> dict:
+    """Constexprs and options of the first config (``tuned=False``), SPLIT set when given."""
+    kw = _configs(_INTERPRET)[0].all_kwargs()
+    return kw if split is None else {**kw, "SPLIT": bool(split)}
+
+
 def _aligned_chunk_step(GI: int, out: torch.Tensor, img: TileImages) -> int:
     """Images per step of a launch's chunks: whole image tiles (GI images) whose slices of
     S, of the features, masks, norms and Γ all start on 16-byte boundaries like the first
@@ -1163,7 +1240,10 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     embed = gi is not None
     dev = out.device
     H, _, DH = img.Q.shape
-    if embed:
+    ahead = _AHEAD
+    if ahead is not None:  # compile_ahead: nothing is scored
+        out.zero_()
+    elif embed:
         _embed_global(out, gi, gt, u2)
     for b in plan.buckets:
         meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, cols=cols, rows=rows)
@@ -1203,12 +1283,15 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                     scratch, kap, lam, *lo_offsets,
                     hi - lo, b.Mb, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)
+            if ahead is not None:  # what the autotuner would try, with the kwargs it passes
+                kws = ([c.all_kwargs() for c in _prune(_configs(_INTERPRET), {}, **meta)] if tuned
+                       else [_untuned_kwargs(split)])
+                ahead.requests += [(grid, args, {**meta, **kw}) for kw in kws]
+                continue
             if tuned:
                 _tile_tuned[grid](*args, **meta)
             else:
-                cfg = _configs(_INTERPRET)[0]
-                kw = dict(cfg.kwargs) if split is None else {**cfg.kwargs, "SPLIT": bool(split)}
-                _tile_kernel[grid](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                _tile_kernel[grid](*args, **meta, **_untuned_kwargs(split))
             if plan.glob is not None:
                 if plan.split16:  # κ = ā Kw and λ = b̄ Kv carry their side's feature scale
                     kap.mul_(1.0 / b.split.sigma)

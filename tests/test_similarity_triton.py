@@ -484,6 +484,48 @@ def test_every_chunk_of_a_launch_compiles_to_the_same_kernel(device):
         assert (sig, attrs) == runs[0][1:4:2]
 
 
+def test_compile_ahead_collects_every_build_and_launches_nothing(device):
+    """Inside tiles.compile_ahead() a similarity call launches nothing (S is zero) and leaves
+    one request per bucket and autotuning config; after the block calls score again."""
+    case = make_case(4, 12, 5, 24, D=32, H=2, variant="acf-code", seed=11, device=device)
+    w_mask = case["w_mask"].clone()
+    w_mask[1:, 16:] = False  # texts 1.. in bucket 16, text 0 (all 24 tokens) in bucket 32
+    w_mask[1:, 0] = True
+    case["w_mask"] = w_mask
+    with tiles.compile_ahead() as ahead:
+        S = score(case, "triton")
+    assert S.shape == (4, 12) and not S.any()
+    configs = len(tiles._prune(tiles._configs(tiles._INTERPRET), {}, **ahead.requests[0][2]))
+    assert sorted(kw["LB"] for _, _, kw in ahead.requests) == [16] * configs + [32] * configs
+    for grid, args, kw in ahead.requests:
+        assert kw["num_warps"] >= 1 and "SPLIT" in kw and "GROUP_I" in kw and grid[0] >= 1
+    assert tiles._AHEAD is None
+    assert_scores_close(score(case, "triton"), reference(case), torch.float32, "after compile_ahead")
+    with pytest.raises(RuntimeError, match="nest"):
+        with tiles.compile_ahead():
+            with tiles.compile_ahead():
+                pass
+    assert tiles._AHEAD is None
+
+
+def test_compile_ahead_warms_every_request_through_the_kernel():
+    """CompileAhead.compile hands each request to the kernel's warmup (the JIT's own path:
+    the same keys as the launches) with its grid and kwargs, and counts distinct builds."""
+    t = torch.zeros(4)
+    calls = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kw):
+            calls.append((grid, args, kw))
+
+    ahead = tiles.CompileAhead()
+    ahead.requests = [((3,), (t, 7), {"LB": 16, "num_warps": 8}), ((5,), (t, 9), {"LB": 16, "num_warps": 8}),
+                      ((3,), (t, 7), {"LB": 32, "num_warps": 8})]
+    ahead.compile(workers=2, kernel=Kernel())
+    assert calls == ahead.requests
+    assert ahead.builds == 2 and ahead.workers == 2 and ahead.seconds >= 0
+
+
 def _spread_heads(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
     """x (H, R, DH) contiguous (with ``planes`` = 2, an fp32 tile's fp16 hi plane, its lo
     plane tiles.lo_plane_offset further on) copied into a buffer whose heads lie
