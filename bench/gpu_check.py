@@ -4,7 +4,9 @@
     PYTHONPATH=. python bench/gpu_check.py --quick        # smaller grid, no full-grid failure
     PYTHONPATH=. python bench/gpu_check.py --smoke        # CPU, Triton interpreter, tiny shapes
 
-For each variant (acf-code, paper) × storage (bf16, fp32 via f16x3), at the COCO 5K
+First every tile kernel the cases will launch is compiled at once on all CPUs
+(``tiles.compile_ahead``; ``--no-compile-ahead`` leaves each to its first launch). Then,
+for each variant (acf-code, paper) × storage (bf16, fp32 via f16x3), at the COCO 5K
 shape (N = 5,000 images of K = 36 regions, M = 25,000 captions of COCO-like lengths
 ≤ 32 wordpieces, D = 1024, H = 8), inputs drawn on the GPU:
 
