@@ -302,14 +302,17 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
             case["V"], vm, case["W"], wm, heads=H, weights=wts, G=case.get("G"), st=st)), device)
         ge = case.get("global_emb")
         gi, gt = (None, None) if ge is None else (ge[0].float().contiguous(), ge[1].float().contiguous())
+        launches = []
         t_kernel = time_once(lambda: tiles.launch_tiles(holder["plan"], out, scale=sc, u1=case["u1"], u2=case["u2"],
-                                                   gi=gi, gt=gt, dot_prec=ks.dot_precision(st, False)), device)
+                                                   gi=gi, gt=gt, dot_prec=ks.dot_precision(st, False),
+                                                   timings=launches), device)
         if meter is not None:
             rec["full_energy"] = meter.stop()
         if device.type == "cuda":
             rec["full_peak_bytes_beyond_inputs_and_S"] = int(torch.cuda.max_memory_allocated(device) - base - out.numel() * 4)
         rec["full_precompute_s"] = t_prep
         rec["full_kernel_s"] = t_kernel
+        rec["full_per_bucket"] = _per_bucket(launches)  # beside the offline report's instructions per pair
         rec["full_end_to_end_s"] = t_prep + t_kernel
         rec["full_tflops"] = flops / rec["full_end_to_end_s"] / 1e12
         rec["full_kernel_tflops"] = flops / t_kernel / 1e12
@@ -328,7 +331,25 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
         log(f"[{variant} {dname}] FULL {N}x{M}: {rec['full_end_to_end_s']:.2f} s end to end "
             f"(precompute {t_prep:.2f} s, kernels {t_kernel:.2f} s), {rec['full_tflops']:.0f} TFLOP/s useful"
             + (f", {rec['full_energy']['joules']:.0f} J" if "full_energy" in rec else ""))
+        log(f"[{variant} {dname}] per bucket: " + ", ".join(
+            f"{lb} tokens {b['pairs'] / 1e6:.1f} M pairs {b['kernel_s']:.2f} s ({b['kernel_ns_per_pair']:.1f} ns/pair)"
+            for lb, b in rec["full_per_bucket"].items()))
     return rec
+
+
+def _per_bucket(launches: list) -> dict:
+    """launch_tiles' per-launch timings summed per text bucket: pairs, tile-kernel seconds,
+    the pairwise global score's host products, and kernel nanoseconds per pair."""
+    out = {}
+    for t in launches:
+        b = out.setdefault(str(t["LB"]), {"pairs": 0, "launches": 0, "kernel_s": 0.0, "global_s": 0.0})
+        b["pairs"] += t["pairs"]
+        b["launches"] += 1
+        b["kernel_s"] += t["kernel_s"]
+        b["global_s"] += t["global_s"]
+    for b in out.values():
+        b["kernel_ns_per_pair"] = b["kernel_s"] / max(b["pairs"], 1) * 1e9
+    return out
 
 
 def _energy_meter(device):

@@ -1222,7 +1222,8 @@ def _aligned_chunk_step(GI: int, out: torch.Tensor, img: TileImages) -> int:
 def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: float,
                  gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
                  cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
-                 global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8, split: Optional[bool] = None) -> torch.Tensor:
+                 global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8, split: Optional[bool] = None,
+                 timings: Optional[list] = None) -> torch.Tensor:
     """Write S (N, M) float32 into ``out``: one launch per text bucket (and, with the
     pairwise global score, per chunk of images of at most ``global_pairs`` pairs).
 
@@ -1232,7 +1233,11 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
     without autotuning (offline report, tests), with ``split`` (when given) in place of its
     SPLIT (one or two passes over the heads). A plan split into fp16 pairs
-    (``plan.split16``) runs the ``f16x3`` dots whatever ``dot_prec`` says."""
+    (``plan.split16``) runs the ``f16x3`` dots whatever ``dot_prec`` says. ``timings`` (a
+    list): one dict per launch appended (bucket ``LB``, ``texts``, ``images``, ``pairs``,
+    ``kernel_s`` and ``global_s``, the host products of the pairwise global score after
+    it), from CUDA events (the wall clock on CPU), so that a GPU run can set each bucket's
+    time beside its offline instruction count."""
     img = plan.images
     if plan.split16:
         dot_prec = "f16x3"
@@ -1240,6 +1245,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     embed = gi is not None
     dev = out.device
     H, _, DH = img.Q.shape
+    pending = []  # (record, marks) per launch, for ``timings``
     ahead = _AHEAD
     if ahead is not None:  # compile_ahead: nothing is scored
         out.zero_()
@@ -1288,13 +1294,38 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                        else [_untuned_kwargs(split)])
                 ahead.requests += [(grid, args, {**meta, **kw}) for kw in kws]
                 continue
+            marks = [_mark(dev)] if timings is not None else None
             if tuned:
                 _tile_tuned[grid](*args, **meta)
             else:
                 _tile_kernel[grid](*args, **meta, **_untuned_kwargs(split))
+            if marks is not None:
+                marks.append(_mark(dev))
             if plan.glob is not None:
                 if plan.split16:  # κ = ā Kw and λ = b̄ Kv carry their side's feature scale
                     kap.mul_(1.0 / b.split.sigma)
                     lam.mul_(1.0 / img.split.sigma)
                 _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
+            if marks is not None:
+                marks.append(_mark(dev))
+                pending.append((dict(LB=b.LB, texts=b.Mb, images=hi - lo, pairs=(hi - lo) * b.Mb), marks))
+    for rec, (t0, t1, t2) in pending:  # read once every launch is queued: no synchronisation between them
+        timings.append(dict(rec, kernel_s=_seconds(t0, t1), global_s=_seconds(t1, t2)))
     return out
+
+
+def _mark(dev: torch.device):
+    """A point in time on ``dev``: a recorded CUDA event (the current stream), or the wall clock."""
+    if dev.type != "cuda":
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def _seconds(a, b) -> float:
+    """Seconds between two :func:`_mark` s."""
+    if isinstance(a, float):
+        return b - a
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3

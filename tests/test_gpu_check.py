@@ -25,6 +25,7 @@ def test_smoke_passes_and_records_every_step(tmp_path):
     for key in ("v2_end_to_end", "v1_kernel", "torch", "eager"):
         assert r["per_pair_s"][key] > 0
     assert r["full_end_to_end_s"] > 0 and r["full_vs_check_slice"] <= 1e-4
+    assert sum(b["pairs"] for b in r["full_per_bucket"].values()) == r["N"] * r["M"]
     # the compile-ahead step collected the case's launches (nothing to build in the interpreter)
     assert "error" not in rec["compile_ahead"] and rec["compile_ahead"]["requests"] >= 1
 

@@ -484,6 +484,24 @@ def test_every_chunk_of_a_launch_compiles_to_the_same_kernel(device):
         assert (sig, attrs) == runs[0][1:4:2]
 
 
+def test_launch_timings_cover_every_pair_once(device):
+    """launch_tiles(timings=[...]) appends one record per launch (bucket, chunk of images):
+    together they cover every pair once, with their kernel and global-score seconds."""
+    case = make_case(37, 6, 3, 24, D=32, H=2, variant="paper", seed=12, device=device)
+    w_mask = case["w_mask"].clone()
+    w_mask[1:, 16:] = False  # texts 1.. in bucket 16, text 0 (24 tokens) in bucket 32
+    w_mask[1:, 0] = True
+    case["w_mask"] = w_mask
+    timings = []
+    out = torch.full((37, 6), float("nan"), device=device)
+    _launch(case, out, tuned=False, global_pairs=16 * 5, timings=timings)
+    assert_scores_close(out, reference(case), torch.float32, "timed launch")
+    assert len(timings) >= 3 and {t["LB"] for t in timings} == {16, 32}
+    assert sum(t["pairs"] for t in timings) == 37 * 6
+    for t in timings:
+        assert t["pairs"] == t["images"] * t["texts"] and t["kernel_s"] > 0 and t["global_s"] > 0
+
+
 def test_compile_ahead_collects_every_build_and_launches_nothing(device):
     """Inside tiles.compile_ahead() a similarity call launches nothing (S is zero) and leaves
     one request per bucket and autotuning config; after the block calls score again."""
