@@ -1152,14 +1152,13 @@ class CompileAhead:
             return  # nothing to compile
         from concurrent.futures import ThreadPoolExecutor
 
+        # private in triton 3.6-3.9 (all the versions this project takes): under it, warmup
+        # hands the build to the pool and returns
+        from triton.runtime._async_compile import AsyncCompileMode
+
         self.workers = workers or os.cpu_count() or 1
         t0 = time.perf_counter()
-        try:  # triton 3.6-3.9 (private module): warmup hands the build to the pool and returns
-            from triton.runtime._async_compile import AsyncCompileMode
-        except ImportError:
-            AsyncCompileMode = None
-        with ThreadPoolExecutor(self.workers) as pool, \
-                (AsyncCompileMode(pool) if AsyncCompileMode else contextlib.nullcontext()):
+        with ThreadPoolExecutor(self.workers) as pool, AsyncCompileMode(pool):
             for grid, args, kwargs in self.requests:
                 kernel.warmup(*args, grid=grid, **kwargs)
         self.builds = len({_request_key(r) for r in self.requests})
@@ -1293,7 +1292,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 kws = ([c.all_kwargs() for c in _prune(_configs(_INTERPRET), {}, **meta)] if tuned
                        else [_untuned_kwargs(split)])
                 ahead.requests += [(grid, args, {**meta, **kw}) for kw in kws]
-                continue
+                break  # every chunk compiles to the first one's kernel (_aligned_chunk_step)
             marks = [_mark(dev)] if timings is not None else None
             if tuned:
                 _tile_tuned[grid](*args, **meta)

@@ -484,14 +484,19 @@ def test_every_chunk_of_a_launch_compiles_to_the_same_kernel(device):
         assert (sig, attrs) == runs[0][1:4:2]
 
 
+def _two_buckets(case):
+    """A case of L = 24 tokens whose text 0 keeps all of them (bucket 32) and the others at
+    most 16 (bucket 16), each at least its first."""
+    w_mask = case["w_mask"].clone()
+    w_mask[1:, 16:] = False
+    w_mask[1:, 0] = True
+    return dict(case, w_mask=w_mask)
+
+
 def test_launch_timings_cover_every_pair_once(device):
     """launch_tiles(timings=[...]) appends one record per launch (bucket, chunk of images):
     together they cover every pair once, with their kernel and global-score seconds."""
-    case = make_case(37, 6, 3, 24, D=32, H=2, variant="paper", seed=12, device=device)
-    w_mask = case["w_mask"].clone()
-    w_mask[1:, 16:] = False  # texts 1.. in bucket 16, text 0 (24 tokens) in bucket 32
-    w_mask[1:, 0] = True
-    case["w_mask"] = w_mask
+    case = _two_buckets(make_case(37, 6, 3, 24, D=32, H=2, variant="paper", seed=12, device=device))
     timings = []
     out = torch.full((37, 6), float("nan"), device=device)
     _launch(case, out, tuned=False, global_pairs=16 * 5, timings=timings)
@@ -505,11 +510,7 @@ def test_launch_timings_cover_every_pair_once(device):
 def test_compile_ahead_collects_every_build_and_launches_nothing(device):
     """Inside tiles.compile_ahead() a similarity call launches nothing (S is zero) and leaves
     one request per bucket and autotuning config; after the block calls score again."""
-    case = make_case(4, 12, 5, 24, D=32, H=2, variant="acf-code", seed=11, device=device)
-    w_mask = case["w_mask"].clone()
-    w_mask[1:, 16:] = False  # texts 1.. in bucket 16, text 0 (all 24 tokens) in bucket 32
-    w_mask[1:, 0] = True
-    case["w_mask"] = w_mask
+    case = _two_buckets(make_case(4, 12, 5, 24, D=32, H=2, variant="acf-code", seed=11, device=device))
     with tiles.compile_ahead() as ahead:
         S = score(case, "triton")
     assert S.shape == (4, 12) and not S.any()
