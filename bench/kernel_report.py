@@ -24,6 +24,11 @@ cores in v1), and one record per configuration says what the GPU would run:
 - ``tensor_core_macs_per_pair``: what the tensor cores actually multiply per pair
   (HGMMA/HMMA in SASS × trip counts), Γ products and masked blocks included.
 
+Beside the records, ``coco_grid_estimates``: per kernel, variant and dtype, floors on the time
+of the full COCO 5K x 25K grid on an H200 (:func:`grid_estimates`: warp-instructions at one
+per scheduler and cycle, tensor-core work at the issue's 790 TFLOP/s), set against the
+issue's GPU targets, so that a commit that makes the GPU target unreachable shows offline.
+
 Trip counts come from the kernel's structure (heads, tiles, Γ chunks); each mapping is
 checked against the tensor-core multiply-adds the design says a program does, so a
 wrong mapping fails loudly instead of printing a wrong figure. The records of the old
@@ -67,6 +72,12 @@ TARGETS = {  # issue 10: warp-instructions per pair (bf16), padding efficiency
     ("v2", "paper", "bf16"): 60_000,
 }
 MIN_PADDING_EFFICIENCY = 0.7
+GRID = (5000, 25000)  # the COCO 5K test: images x captions
+GPU_TARGETS_S = {("acf-code", "bf16"): 2.0, ("paper", "bf16"): 6.0}  # issue 10, H200, bf16 full grid
+# The issue's H200: 132 SMs at a sustained 1.83 GHz, each with 4 warp schedulers that issue at
+# most one warp-instruction per cycle; dense 16-bit tensor-core products at 790 TFLOP/s (what
+# large GEMMs reach; the data sheet's 989 they do not). fp16 (the f16x3 path) runs at bf16's rate.
+H200 = dict(sms=132, clock_hz=1.83e9, schedulers=4, tensor_flops=790e12)
 SM90_SHARED_LIMIT = 232_448  # bytes of dynamic shared memory one block may launch with on sm_90
 
 
@@ -337,6 +348,67 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
     return rec
 
 
+def coco_texts_per_bucket(M: int = GRID[1], seed: int = 0) -> dict:
+    """Captions of gpu_check's COCO-like draw per v2 length bucket (v1 pads every text to 32)."""
+    import torch
+
+    from bench.gpu_check import coco_lengths
+
+    lengths = coco_lengths(M, torch.Generator().manual_seed(seed))
+    out, lo = {}, 0
+    for b in BUCKETS:
+        out[b] = int(((lengths > lo) & (lengths <= b)).sum())
+        lo = b
+    return out
+
+
+def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) -> list:
+    """Offline floors on the time of the full COCO grid (``grid`` = images x captions) on an
+    H200, per (kernel, variant, dtype), from the records' per-pair counts: per bucket the
+    configuration with the lowest floor (the autotuner may find it), whose floor is the
+    larger of an issue bound (warp-instructions at one per scheduler and cycle) and a
+    tensor-core bound (its tensor-core multiply-adds at ``tensor_flops``); the buckets add.
+
+    A floor, not a prediction: real kernels issue well under one instruction per cycle per
+    scheduler (latencies, barriers, spills) and memory traffic, the precompute and the host
+    products of the pairwise global score are not in it. What a GPU measures per bucket
+    (gpu_check's ``full_per_bucket``) sets against it."""
+    N, M = grid
+    if texts_per_bucket is None:
+        texts_per_bucket = coco_texts_per_bucket(M)
+    issue_rate = gpu["sms"] * gpu["schedulers"] * gpu["clock_hz"]  # warp-instructions per second
+    groups = {}
+    for r in records:
+        if r.get("warp_instructions_per_pair") is None or r.get("tensor_core_macs_per_pair") is None:
+            continue  # v1's fp32 dots on CUDA cores: no per-pair counts
+        groups.setdefault((r["version"], r["variant"], r["dtype"]), []).append(r)
+    out = []
+    for (version, variant, dtype), recs in groups.items():
+        per_bucket = []
+        # v1 has one configuration for every text (padded to 32); v2 one launch per bucket
+        shares = {recs[0]["bucket"]: M} if version == "v1" else texts_per_bucket
+        for b, texts in shares.items():
+            cands = [r for r in recs if r["bucket"] == b]
+            if not cands:
+                raise ValueError(f"{version} {variant} {dtype}: no record for bucket {b}, which holds {texts} captions")
+            pairs = N * texts
+            best = None
+            for r in cands:
+                issue = pairs * r["warp_instructions_per_pair"] / issue_rate
+                tensor = pairs * 2 * r["tensor_core_macs_per_pair"] / gpu["tensor_flops"]
+                cand = dict(bucket=b, pairs=pairs, num_stages=r["num_stages"], head_passes=r.get("head_passes", 1),
+                            issue_s=issue, tensor_s=tensor, floor_s=max(issue, tensor))
+                if best is None or cand["floor_s"] < best["floor_s"]:
+                    best = cand
+            per_bucket.append(best)
+        floor = sum(p["floor_s"] for p in per_bucket)
+        out.append(dict(version=version, variant=variant, dtype=dtype, grid=list(grid), floor_s=floor,
+                        issue_s=sum(p["issue_s"] for p in per_bucket),
+                        tensor_s=sum(p["tensor_s"] for p in per_bucket),
+                        target_s=GPU_TARGETS_S.get((variant, dtype)), per_bucket=per_bucket))
+    return out
+
+
 def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("bf16", "fp32"), log=print) -> dict:
     import triton
 
@@ -348,7 +420,8 @@ def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("
     return {"script": "bench/kernel_report.py", "target": "sm_90 (GPUTarget('cuda', 90, 32)), offline",
             "triton": triton.__version__, "shape": dict(K=K, D=D, H=H, buckets=BUCKETS, L_mean=L_MEAN),
             "targets": {f"{k[0]} {k[1]} {k[2]}": v for k, v in TARGETS.items()},
-            "min_padding_efficiency": MIN_PADDING_EFFICIENCY, "records": recs}
+            "min_padding_efficiency": MIN_PADDING_EFFICIENCY, "records": recs,
+            "gpu_assumed": H200, "coco_grid_estimates": grid_estimates(recs)}
 
 
 def markdown(report: dict) -> str:
@@ -366,6 +439,25 @@ def markdown(report: dict) -> str:
                     f"{'-' if si is None else f'{si:.0f}'} | {r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
                     f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} |")
+    est = report.get("coco_grid_estimates")
+    if est:
+        g = report["gpu_assumed"]
+        N, M = est[0]["grid"]
+        rows += ["", f"Offline floors for the full {N} x {M} grid on an H200 ({g['sms']} SMs at "
+                 f"{g['clock_hz'] / 1e9:.2f} GHz, one warp-instruction per scheduler and cycle; tensor cores at "
+                 f"{g['tensor_flops'] / 1e12:.0f} TFLOP/s), per bucket the configuration with the lowest floor, COCO-like "
+                 "caption lengths. Lower bounds at those rates, not predictions: memory traffic, the precompute and "
+                 "the host's products are not in them, and no kernel issues an instruction every cycle. The fp32 "
+                 "target is 3 x the bf16 time.", "",
+                 "| kernel | variant | dtype | issue bound s | tensor-core bound s | floor s | floor / bf16 floor | "
+                 "GPU target s |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        bf16 = {(e["version"], e["variant"]): e["floor_s"] for e in est if e["dtype"] == "bf16"}
+        for e in est:
+            t, b = e["target_s"], bf16.get((e["version"], e["variant"]))
+            ratio = "-" if e["dtype"] == "bf16" or not b else f"{e['floor_s'] / b:.1f}"
+            rows.append(f"| {e['version']} | {e['variant']} | {e['dtype']} | {e['issue_s']:.2f} | {e['tensor_s']:.2f} | "
+                        f"{e['floor_s']:.2f} | {ratio} | {'-' if t is None else f'{t:g}'} |")
     return "\n".join(rows)
 
 
