@@ -143,7 +143,8 @@ def v2_expected_macs(m: dict, num_warps: int) -> int:
     if not m["O_IS_Q"]:
         per_head += 2 * BR * BC * DHp
     if not m["FULL"]:
-        per_head += BR * BC * BC + BC * BR * BR  # A·Γw, B·Γv (the Γ blocks are read, computed once per item)
+        # A·Γw (batched: one (BR, LB) x (LB, LB) per text), B·Γv (the Γ blocks are read, computed once per item)
+        per_head += (m["GT"] * BR * m["LB"] ** 2 if m["BATCHED_GW"] else BR * BC * BC) + BC * BR * BR
     total = Hh * per_head * k
     if m["FULL"]:
         HL = Hh * m["LB"]
@@ -336,8 +337,12 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["tensor_core_macs_per_pair"] = macs / pairs
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
-    # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots
-    aux = (6 if m.get("DOT_PREC") == "f16x3" else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots,
+    # nor is the batched p·Γw (tiles.batched_gw: per text (BR, LB) x (LB, LB), 1/8 of a tile's dot, mma.sync)
+    f16x3 = m.get("DOT_PREC") == "f16x3"
+    aux = (6 if f16x3 else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    if req["kernel"] == "v2" and m.get("BATCHED_GW"):
+        aux += 3 if f16x3 else 1
     main_dots = build.dots_total - aux
     rec["main_dots"] = main_dots
     rec["wgmma"] = build.dots_wgmma >= main_dots > 0

@@ -15,6 +15,7 @@ Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :fun
     p   = exp(s·X − segment max)       per (region row, text) segment of LB columns
     num += Σ_seg p ⊙ (Ov_h Kwᵀ_h) / Σ_seg p
     Y   = p · Γw_blk                   (BR, BC)  Γw_blk = the texts' Kw_h Kwᵀ_h, zero between texts
+                                                 (fp32 path: one (BR, LB) · (LB, LB) per text, batched_gw)
     nrm += Σ_seg p ⊙ Y / (Σ_seg p)²    = a Γw aᵀ with a = p / Σ p (spec §8)
 
 and the mirror image for words -> regions (queries = text tokens, segments = images).
@@ -147,6 +148,16 @@ def _quad_partials(x, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
     tensor-core accumulator layout. The sum is then within each thread, with no shuffle:
     accumulated over the heads, the partials are added once per tile."""
     return tl.sum(tl.sum(tl.reshape(x, (BR, GT, LB // 8, 4, 2)), axis=4), axis=2)
+
+
+@triton.jit
+def _i2t_norms(nrm, BATCHED_GW: tl.constexpr):
+    """The regions -> words accumulator of the squared norms -> (BR, GT): (GT, BR) batched, else
+    (BR, GT, 4) quad partials."""
+    if BATCHED_GW:
+        return tl.trans(nrm)
+    else:
+        return tl.sum(nrm, axis=2)
 
 
 @triton.jit
@@ -350,7 +361,7 @@ def _tile_kernel(
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
     PAIRWISE: tl.constexpr, EMBED: tl.constexpr, I64_HEADS: tl.constexpr,
-    DOT_PREC: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BATCHED_GW: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
     each program walks tiles pid, pid + programs, ... (one tile each when the grid covers
@@ -382,7 +393,11 @@ def _tile_kernel(
     w_off = c[:, None] * DH + d[None, :]
     # block-diagonal Γ tiles: offsets of the text / image Gram blocks (int32, within a tile)
     l_c = c - txt_c * LB
-    gw_off = (txt_c * (H * LB * LB) + l_c * LB)[:, None] + l_c[None, :]
+    if BATCHED_GW:  # (GT, LB, LB): text j's Γw_h block
+        lb = tl.arange(0, LB)
+        gw_off = tt[:, None, None] * (H * LB * LB) + lb[None, :, None] * LB + lb[None, None, :]
+    else:  # (BC, BC): the texts' blocks on the diagonal
+        gw_off = (txt_c * (H * LB * LB) + l_c * LB)[:, None] + l_c[None, :]
     same_txt = txt_c[:, None] == txt_c[None, :]
     k_r = r - img_r * K
     gv_off = (img_r * (H * K * K) + k_r * K)[:, None] + k_r[None, :]
@@ -393,7 +408,10 @@ def _tile_kernel(
         row_in, v_valid, col_in, w_valid = _tile_masks(vmask_ptr, wmask_ptr, i0, t0, N, Mb, r, img_r, c, txt_c,
                                                        GI, K, LB)
         w_valid3 = tl.reshape(w_valid, (1, GT, LB))
-        gw_in = same_txt & col_in[:, None]
+        if BATCHED_GW:
+            gw_in = ((t0 + tt) < Mb)[:, None, None]
+        else:
+            gw_in = same_txt & col_in[:, None]
         gv_in = same_img & row_in[:, None]
         v_first = i0 * (K * DH)  # int64 element offset of the tile's first region row
         w_first = t0 * (LB * DH)
@@ -405,9 +423,12 @@ def _tile_kernel(
         cnt_i = tl.maximum(tl.sum((m2 != 0).to(tl.float32), axis=1), 1.0)
 
         num_i = tl.zeros((BR, GT), dtype=tl.float32)
-        # quad partials (_quad_partials): offline sm_90 build, bf16: -2 % instructions per
-        # pair (the numerators kept the same way saved 1 % more, but made both head loops spill)
-        nrm_i = tl.zeros((BR, GT, 4), dtype=tl.float32)
+        if BATCHED_GW:  # (GT, BR): the batched dot's layout, texts first
+            nrm_i = tl.zeros((GT, BR), dtype=tl.float32)
+        else:
+            # quad partials (_quad_partials): offline sm_90 build, bf16: -2 % instructions per
+            # pair (the numerators kept the same way saved 1 % more, but made both head loops spill)
+            nrm_i = tl.zeros((BR, GT, 4), dtype=tl.float32)
         num_t = tl.zeros((BC, GIP), dtype=tl.float32)
         nrm_t = tl.zeros((BC, GIP), dtype=tl.float32)
         # SPLIT: regions -> words in a first pass over the heads and words -> regions in a
@@ -485,9 +506,15 @@ def _tile_kernel(
                         # ‖Σ_l p_l k_l‖² = p Γw pᵀ: the dot takes p in the storage dtype, the product
                         # the fp32 p (no conversion back, one factor rounded instead of two: -7%
                         # instructions per pair in the offline report)
-                        p2, p2_lo = _operand(tl.reshape(p, (BR, BC)), wk.dtype, F16X3)
-                        y = _dot3(p2, p2_lo, gw, gw_lo, None, DOT_PREC)
-                        nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
+                        if BATCHED_GW:
+                            pt = tl.permute(p, (1, 0, 2))  # (GT, BR, LB)
+                            pt2, pt2_lo = _operand(pt, wk.dtype, F16X3)
+                            y = _dot3(pt2, pt2_lo, gw, gw_lo, None, DOT_PREC)  # one (BR, LB) x (LB, LB) per text
+                            nrm_i += tl.sum(pt * y, axis=2) * tl.trans(inv * inv)
+                        else:
+                            p2, p2_lo = _operand(tl.reshape(p, (BR, BC)), wk.dtype, F16X3)
+                            y = _dot3(p2, p2_lo, gw, gw_lo, None, DOT_PREC)
+                            nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                     if PAIRWISE:
                         # κ_h[(g, j)] = Σ_l ā_h[g, j, l] Kw_h[j, l]: ā = mean over image g's valid regions
                         ablk = _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, wk.dtype, PP, GI, GIP, GT,
@@ -539,7 +566,7 @@ def _tile_kernel(
                 # build, bf16 bucket 16: 176 -> 112 B per thread, and the loops over the heads
                 # from 23 spill instructions per head to none (3 since, bench/kernel_report.py).
                 vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
-                part = (u2 * u1) * _i2t_means(num_i, tl.sum(nrm_i, axis=2), vn, v_valid, img_r, cnt_i,
+                part = (u2 * u1) * _i2t_means(num_i, _i2t_norms(nrm_i, BATCHED_GW), vn, v_valid, img_r, cnt_i,
                                               eps, GI, GIP)
                 s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
                 if EMBED:
@@ -568,7 +595,7 @@ def _tile_kernel(
         # ---- cosines, then the mean over each pair's valid query rows
         if FULL or not SPLIT:
             vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
-            nrm_q = nrm_f if FULL else tl.sum(nrm_i, axis=2)
+            nrm_q = nrm_f if FULL else _i2t_norms(nrm_i, BATCHED_GW)
             i2t = _i2t_means(num_i, nrm_q, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
         wn = tl.load((wnorm_ptr + t0 * LB) + c, mask=col_in, other=0.0)
         cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), eps)  # (BC, GIP)
@@ -1032,7 +1059,7 @@ def _prune(configs, named_args, **meta):
 
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
-             "DOT_PREC", "I64_HEADS"]
+             "DOT_PREC", "BATCHED_GW", "I64_HEADS"]
 # S is restored after each timed config: with EMBED the tile adds to what S holds
 _tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY, restore_value=["S_ptr"],
                               prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
@@ -1062,7 +1089,24 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
-                I64_HEADS=i64_heads)
+                BATCHED_GW=batched_gw(full, dot_prec, GT, LB), I64_HEADS=i64_heads)
+
+
+def batched_gw(full: bool, dot_prec: str, GT: int, LB: int) -> bool:
+    """Whether the block-diagonal tile forms p Γw as one small dot per text, (BR, LB) x (LB, LB)
+    batched over the GT texts (mma.sync: wgmma has no batch), instead of one (BR, BC) x (BC, BC)
+    wgmma whose Γw is zero between texts (7/8 of it at 8 texts of 16 tokens).
+
+    Only for the fp32 path (f16x3), whose three products per dot make the tile tensor-core
+    bound: the offline sm_90 build (triton 3.9, acf-code fp32) has 22 % (bucket 16) and 19 %
+    (bucket 32) fewer tensor-core multiply-adds per pair, 11.6 K warp-instructions per pair at
+    bucket 16 either way (+13 % at bucket 32) and 1060 -> 716 B of spills at bucket 16: its
+    COCO-grid floor goes 3.23 -> 2.78 s with bucket 16 batched (bench/kernel_report.py). The bf16 tile is as much
+    issue- as tensor-bound (1.02 / 1.08 s): there the batched form's 4-11 % more instructions
+    would cost more than its tensor work saves. And only with a text per warp (GT >= 8): with
+    fewer, triton 3.6 computes the batched dot twice over (bucket 32: GT = 4, 8 warps); and
+    only where its sides are dot-sized (LB >= 16)."""
+    return dot_prec == "f16x3" and not full and GT >= 8 and LB >= _MIN_DOT
 
 
 def hkp_of(H: int, K: int) -> int:

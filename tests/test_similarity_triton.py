@@ -97,7 +97,22 @@ TILE_CASES = [
     ("zx-xw-no-zo", "paper", ("z_x", "x_w", "gate"), (7, 9, 6, 20), (32, 2), (32, 16), tiles.BUCKETS),
     # COCO's 36 regions: laid out as 40 (4 masked rows each), 3 images in a 128-row tile
     ("acf-code-K36", "acf-code", None, (4, 5, 36, 20), (32, 2), (128, 32), tiles.BUCKETS),
+    # 8 texts of bucket 16 in a 128-column tile: the fp32 tile's batched p·Γw (tiles.batched_gw); bucket 32 beside it
+    ("acf-code-8-texts", "acf-code", None, (5, 19, 5, 20), (32, 2), (16, 128), tiles.BUCKETS),
 ]
+
+
+def test_fp32_block_diagonal_tiles_batch_p_gamma_w_only_with_a_text_per_warp():
+    """tiles.batched_gw: one small dot per text for the fp32 (f16x3) block-diagonal tile at 8
+    texts of 16 tokens (COCO's bucket 16), the tile-wide dot elsewhere (fewer texts than warps,
+    bf16, full Γ, dots under 16)."""
+    def meta(LB, dot_prec="f16x3", full=False, cols=128):
+        return tiles.tile_constexprs(8, 128, 40, LB, full=full, shared_qk=True, o_is_q=True, pairwise=False,
+                                     embed=True, HKP=320, dot_prec=dot_prec, cols=cols)
+
+    assert meta(16)["BATCHED_GW"] and meta(16)["GT"] == 8
+    assert not meta(32)["BATCHED_GW"] and not meta(16, "tf32")["BATCHED_GW"] and not meta(16, full=True)["BATCHED_GW"]
+    assert not meta(8, cols=64)["BATCHED_GW"]
 
 
 def test_image_rows_pad_to_16_byte_rows_only_when_the_tile_keeps_its_shape():
