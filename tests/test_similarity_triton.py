@@ -370,6 +370,15 @@ def test_fp16_storage(device):
     assert_scores_close(S, reference(case), torch.float16, "fp16 storage")
 
 
+def test_pairwise_global_score_in_fp16_storage(device):
+    """The pairwise global score's per-pair means as dots (fp16/bf16 storage; the fp32 tiles
+    sum them masked), weighted 0.95 in S so that they show: u2 = 0.8 left them a fifth of S,
+    where an error of 0.05 in every mean stayed inside fp16's bound."""
+    case = dict(make_case(5, 9, 7, 20, variant="paper", seed=4, device=device, dtype=torch.float16), u2=0.05)
+    assert case["G"] is not None and case["weights"].get("z_o") is not None
+    assert_scores_close(score(case, "triton"), reference(case), torch.float16, "fp16 pairwise global")
+
+
 # ------------------------------------------------------------------ GPU only
 
 
