@@ -130,13 +130,11 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
     return out
 
 
-def v2_expected_macs(m: dict, num_warps: int) -> int:
+def v2_expected_macs(m: dict) -> int:
     """Tensor-core multiply-adds of one v2 program (one tile), from the kernel's structure
-    (f16x3, the fp32 path, runs every product three times).
-
-    A wgmma dot whose result feeds another dot gets all warps along M from Triton, so one
-    with PP = 64 rows (one warp group's) is computed by every warp group: the pairwise
-    global score's row sums (they feed κ and λ)."""
+    (f16x3, the fp32 path, runs every product three times). The pairwise global score's
+    row sums are formed transposed, 128 rows by PP pair columns (tiles._pair_means_dot),
+    so no warp group repeats them."""
     BR, BC, DHp, Hh = m["BR"], m["BC"], m["DH"], m["H"]
     k = 3 if m["DOT_PREC"] == "f16x3" else 1
     per_head = 2 * BR * BC * DHp  # the two logits products
@@ -154,7 +152,7 @@ def v2_expected_macs(m: dict, num_warps: int) -> int:
         kappa_lambda = PP * BC * DHp + PP * BR * DHp
         # A's rows summed per image, B's per text: dots except under f16x3 (masked sums)
         row_sums = 0 if k == 3 else PP * BR * BC + PP * BC * BR
-        total += Hh * (k * kappa_lambda + max(1, 16 * num_warps // PP) * row_sums)
+        total += Hh * (k * kappa_lambda + row_sums)
     return total
 
 
@@ -200,7 +198,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         m = r["meta"]
         pairs = m["GI"] * m["GT"]
         rows_per_image = m["BR"] / m["GI"]
-        rec = _record(b, v2_trips(b, m), v2_expected_macs(m, b.num_warps), pairs, r,
+        rec = _record(b, v2_trips(b, m), v2_expected_macs(m), pairs, r,
                       padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
         rec["head_passes"] = 2 if m["SPLIT"] else 1
