@@ -297,7 +297,7 @@ def _pair_means_dot(x, own, own_seg, valid, other, other_seg, p_in, cnt, G: tl.c
     own segment own[pr]'s valid rows on other segment other[pr]'s columns, 0 elsewhere.
 
     Formed transposed, xᵀ (C, R) times the 0/1 pair columns (R, PP): as (PP, R) x (R, C) the
-    dot had PP = 64 rows, one warp group's, and Triton has every warp group compute a dot
+    dot had PP = 64 rows (PAIR_ROWS then), one warp group's, and Triton has every warp group compute a dot
     that feeds another (κ, λ) in full, so it ran twice. Offline sm_90 build, paper bf16: 10 %
     fewer tensor-core multiply-adds per pair; triton 3.6 12.2 K -> 11.7 K warp-instructions
     per pair at bucket 16 (26.5 K -> 25.4 K at 32), 472 -> 356 B of spills; triton 3.9 12.3 K
@@ -640,10 +640,14 @@ TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
 MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows with GI
 BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
 QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
-# Rows of the pairwise κ/λ dots (GIP·GT pairs, padded): one warp group's wgmma. Not under
-# f16x3 (and tf32x3), whose three chained products per dot replicate a 64-row dot over the warp groups
-# (offline sm_90 build: +4 % instructions per pair, +30 % spill instructions).
-PAIR_ROWS = 64
+# Rows of the pairwise κ/λ dots, columns of the pair-mean dots: the GIP·GT pairs of a tile,
+# at least 16 (a dot's least side). 64, one warp group's wgmma, made the paper bf16 tile multiply
+# 2x (bucket 16) and 4x (bucket 32) the pairs it has; at 32 / 16 the offline sm_90 build has 5 %
+# (bucket 16) and 7 % (32) fewer tensor-core multiply-adds per pair, triton 3.6 -2 % / -1 %
+# warp-instructions and fewer spills (340 / 488 B, from 356 / 592), triton 3.9 -3 % / -6 %
+# warp-instructions, 632 / 540 B of spills (from 600 / 460). Under f16x3, whose three
+# chained products replicate a 64-row dot over the warp groups, 64 also cost +4 % instructions.
+PAIR_ROWS = _MIN_DOT
 # Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
 # (full Γ is (n, H*T, H*T) fp32: 2 MiB per text at L = 32) while the tile layout fills.
 PREP_CHUNK = 1024
@@ -1093,7 +1097,7 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     BC = max(cols, LB)
     GT = BC // LB
     GIP = triton.next_power_of_2(GI)
-    PP = max(_MIN_DOT if dot_prec in ("tf32x3", "f16x3") else PAIR_ROWS, GIP * GT)
+    PP = max(PAIR_ROWS, GIP * GT)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
