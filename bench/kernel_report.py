@@ -14,8 +14,8 @@ cores in v1), and one record per configuration says what the GPU would run:
   trip counts, like the instructions below) per pair: a few once per tile cost little, a few
   in a loop over the heads cost eight times per tile and per warp;
 - ``wgmma``: every main dot is a warp-group MMA (the κ/λ dots of the pairwise global
-  score and their row sums, one row or column per pair, the fp32 tile's batched p·Γw per
-  text, and v1's per-pair dots are not main dots of a tile);
+  score and their row sums, one row or column per pair, the batched p·Γw per text
+  (tiles.batched_gw), and v1's per-pair dots are not main dots of a tile);
 - ``warp_instructions_per_pair``: SASS instructions one warp issues per program
   (loop bodies × trip counts) × warps per program / pairs per program;
 - ``useful_macs_per_pair``: spec §8 count at COCO's mean valid sizes (K = 36, L = 14);

@@ -15,7 +15,7 @@ Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :fun
     p   = exp(s·X − segment max)       per (region row, text) segment of LB columns
     num += Σ_seg p ⊙ (Ov_h Kwᵀ_h) / Σ_seg p
     Y   = p · Γw_blk                   (BR, BC)  Γw_blk = the texts' Kw_h Kwᵀ_h, zero between texts
-                                                 (fp32 path: one (BR, LB) · (LB, LB) per text, batched_gw)
+                                                 (8 texts of 16: one (BR, LB) · (LB, LB) per text, batched_gw)
     nrm += Σ_seg p ⊙ Y / (Σ_seg p)²    = a Γw aᵀ with a = p / Σ p (spec §8)
 
 and the mirror image for words -> regions (queries = text tokens, segments = images).
@@ -1101,24 +1101,28 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
-                BATCHED_GW=batched_gw(full, dot_prec, GT, LB), I64_HEADS=i64_heads)
+                BATCHED_GW=batched_gw(full, GT, LB), I64_HEADS=i64_heads)
 
 
-def batched_gw(full: bool, dot_prec: str, GT: int, LB: int) -> bool:
+def batched_gw(full: bool, GT: int, LB: int) -> bool:
     """Whether the block-diagonal tile forms p Γw as one small dot per text, (BR, LB) x (LB, LB)
     batched over the GT texts (mma.sync: wgmma has no batch), instead of one (BR, BC) x (BC, BC)
-    wgmma whose Γw is zero between texts (7/8 of it at 8 texts of 16 tokens).
+    wgmma whose Γw is zero between texts (7/8 of it at 8 texts of 16 tokens, COCO's bucket 16):
+    22 % fewer tensor-core multiply-adds per pair there, in the offline sm_90 build
+    (bench/kernel_report.py, acf-code, bucket 16):
 
-    Only for the fp32 path (f16x3), whose three products per dot make the tile tensor-core
-    bound: the offline sm_90 build (triton 3.9, acf-code fp32) has 22 % (bucket 16) and 19 %
-    (bucket 32) fewer tensor-core multiply-adds per pair, 11.6 K warp-instructions per pair at
-    bucket 16 either way (+13 % at bucket 32) and 1060 -> 716 B of spills at bucket 16: its
-    COCO-grid floor goes 3.23 -> 2.78 s with bucket 16 batched (bench/kernel_report.py). The bf16 tile is as much
-    issue- as tensor-bound (1.02 / 1.08 s): there the batched form's 4-11 % more instructions
-    would cost more than its tensor work saves. And only with a text per warp (GT >= 8): with
-    fewer, triton 3.6 computes the batched dot twice over (bucket 32: GT = 4, 8 warps); and
-    only where its sides are dot-sized (LB >= 16)."""
-    return dot_prec == "f16x3" and not full and GT >= 8 and LB >= _MIN_DOT
+    - fp32 (f16x3, three products per dot: tensor-core bound): 11.6 K warp-instructions per
+      pair either way, 1060 -> 716 B of spills (triton 3.9; 3.6: 11.3 K -> 11.2 K, 1128 ->
+      688 B); its COCO-grid floor 3.23 -> 2.78 s;
+    - bf16, as much issue- as tensor-bound: with triton 3.6 (the GPU machine's) its leanest
+      configuration 6.64 K -> 6.68 K warp-instructions per pair, spills 260 -> 148 B (one
+      stage: 440 -> 216 B, 6.97 K -> 6.93 K), its floor 0.69 -> 0.68 s at bucket 16; with
+      triton 3.9 6.76 K -> 7.03 K (+4 %), spills 144 -> 24 B, floor 0.69 -> 0.71 s.
+
+    Only with a text per warp (GT >= 8): with fewer, triton 3.6 computes the batched dot twice
+    over (bucket 32: GT = 4, 8 warps), and triton 3.9 issued 13 % more instructions (fp32,
+    bucket 32); and only where its sides are dot-sized (LB >= 16)."""
+    return not full and GT >= 8 and LB >= _MIN_DOT
 
 
 def hkp_of(H: int, K: int) -> int:

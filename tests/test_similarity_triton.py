@@ -97,21 +97,21 @@ TILE_CASES = [
     ("zx-xw-no-zo", "paper", ("z_x", "x_w", "gate"), (7, 9, 6, 20), (32, 2), (32, 16), tiles.BUCKETS),
     # COCO's 36 regions: laid out as 40 (4 masked rows each), 3 images in a 128-row tile
     ("acf-code-K36", "acf-code", None, (4, 5, 36, 20), (32, 2), (128, 32), tiles.BUCKETS),
-    # 8 texts of bucket 16 in a 128-column tile: the fp32 tile's batched p·Γw (tiles.batched_gw); bucket 32 beside it
+    # 8 texts of bucket 16 in a 128-column tile: the batched p·Γw (tiles.batched_gw); bucket 32 beside it
     ("acf-code-8-texts", "acf-code", None, (5, 19, 5, 20), (32, 2), (16, 128), tiles.BUCKETS),
 ]
 
 
 def test_fp32_block_diagonal_tiles_batch_p_gamma_w_only_with_a_text_per_warp():
-    """tiles.batched_gw: one small dot per text for the fp32 (f16x3) block-diagonal tile at 8
-    texts of 16 tokens (COCO's bucket 16), the tile-wide dot elsewhere (fewer texts than warps,
-    bf16, full Γ, dots under 16)."""
+    """tiles.batched_gw: one small dot per text for the block-diagonal tile at 8 texts of 16
+    tokens (COCO's bucket 16), fp32 and bf16, the tile-wide dot elsewhere (fewer texts than
+    warps, full Γ, dots under 16)."""
     def meta(LB, dot_prec="f16x3", full=False, cols=128):
         return tiles.tile_constexprs(8, 128, 40, LB, full=full, shared_qk=True, o_is_q=True, pairwise=False,
                                      embed=True, HKP=320, dot_prec=dot_prec, cols=cols)
 
-    assert meta(16)["BATCHED_GW"] and meta(16)["GT"] == 8
-    assert not meta(32)["BATCHED_GW"] and not meta(16, "tf32")["BATCHED_GW"] and not meta(16, full=True)["BATCHED_GW"]
+    assert meta(16)["BATCHED_GW"] and meta(16, "tf32")["BATCHED_GW"] and meta(16)["GT"] == 8
+    assert not meta(32)["BATCHED_GW"] and not meta(16, full=True)["BATCHED_GW"]
     assert not meta(8, cols=64)["BATCHED_GW"]
 
 
@@ -368,6 +368,17 @@ def test_fp16_storage(device):
     S = score(case, "triton")
     assert S.dtype == torch.float32
     assert_scores_close(S, reference(case), torch.float16, "fp16 storage")
+
+
+def test_fp16_storage_batched_gamma_w(device):
+    """fp16 storage (the bf16 path's dots) with 8 texts of bucket 16 in a tile: the batched
+    p·Γw (tiles.batched_gw) in the storage dtype; fp32 tiles take it as f16x3 (TILE_CASES)."""
+    case = _two_buckets(make_case(6, 19, 5, 24, D=32, H=2, variant="acf-code", seed=6, device=device,
+                                  dtype=torch.float16))
+    plan, _ = _plan(case, torch.float16)
+    assert [b.LB for b in plan.buckets] == [16, 32]
+    assert tiles.tile_meta(plan, plan.buckets[0], dot_prec="tf32", embed=True)["BATCHED_GW"]
+    assert_scores_close(score(case, "triton"), reference(case), torch.float16, "fp16 batched p Gamma_w")
 
 
 def test_pairwise_global_score_in_fp16_storage(device):
