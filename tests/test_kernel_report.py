@@ -53,8 +53,8 @@ def test_two_pass_acf_code_tiles_spend_under_one_percent_of_their_instructions_o
     """What spills are left in the tiles a GPU tries first sit once per tile or a few per head:
     the regions -> words means no longer stay live through the second pass (they did: 1.07 %
     at bucket 16, 72 spill instructions per tile and 23 in every head). That is triton 3.9's
-    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.5-3.8 %
-    (bench/results/kernels/kernel-report-sm90-triton3.6-*.json), bounded at 4 %."""
+    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.3-2.5 %
+    (bench/results/kernels/kernel-report-sm90-triton3.6-*.json; 3.7: up to 3.0 %), bounded at 4 %."""
     limit = 0.01 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 0.04
     for (v, _, _, passes), r in records.items():
         if v == "acf-code" and passes == 2:
@@ -84,9 +84,9 @@ def test_fp32_acf_code_tile_is_f16x3_on_wgmma_at_under_two_and_a_half_bf16_tiles
         f"{r['warp_instructions_per_pair']:.0f} vs bf16 {bf16['warp_instructions_per_pair']:.0f}"
 
 
-@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill 0.15-0.5 KB per thread (acf-code 144 B in its leanest "
-                                       "configuration at bucket 16, none at 32; the one-pass tile 440 B, paper 0.4 KB, "
-                                       "much of it in paper's loop over the heads): open")
+@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill up to 0.6 KB per thread (triton 3.9: acf-code 24 B "
+                                       "in its leanest configuration at bucket 16, none at 32, up to 332 B in the others; "
+                                       "paper 0.5-0.6 KB, much of it in its loops over the heads): open")
 def test_no_shipped_configuration_spills(records):
     for r in records.values():
         assert r["spill_bytes"] == 0, f"{r['variant']} bucket {r['bucket']} stages {r['num_stages']}: {r['spill_bytes']} B"
