@@ -297,11 +297,11 @@ def _pair_means_dot(x, own, own_seg, valid, other, other_seg, p_in, cnt, G: tl.c
     own segment own[pr]'s valid rows on other segment other[pr]'s columns, 0 elsewhere.
 
     Formed transposed, xᵀ (C, R) times the 0/1 pair columns (R, PP): as (PP, R) x (R, C) the
-    dot had PP = 64 rows (PAIR_ROWS then), one warp group's, and Triton has every warp group compute a dot
-    that feeds another (κ, λ) in full, so it ran twice. Offline sm_90 build, paper bf16: 10 %
-    fewer tensor-core multiply-adds per pair; triton 3.6 12.2 K -> 11.7 K warp-instructions
-    per pair at bucket 16 (26.5 K -> 25.4 K at 32), 472 -> 356 B of spills; triton 3.9 12.3 K
-    -> 12.1 K (26.8 K -> 26.0 K), 420 -> 600 B.
+    dot had PP = 64 rows (PAIR_ROWS then), one warp group's, and Triton has every warp group
+    compute a dot that feeds another (κ, λ) in full, so it ran twice. Offline sm_90 build,
+    paper bf16: 10 % fewer tensor-core multiply-adds per pair; triton 3.6 12.2 K -> 11.7 K
+    warp-instructions per pair at bucket 16 (26.5 K -> 25.4 K at 32), 472 -> 356 B of
+    spills; triton 3.9 12.3 K -> 12.1 K (26.8 K -> 26.0 K), 420 -> 600 B.
     """
     ind_t = ((own_seg[:, None] == own[None, :]) & valid[:, None] & p_in[None, :]).to(ST)  # (R, PP)
     sums = tl.trans(tl.dot(tl.trans(x.to(ST)), ind_t, input_precision=DOT_PREC))
