@@ -204,6 +204,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
         rec["head_passes"] = 2 if m["SPLIT"] else 1
         rec["dots"] = "bf16" if r["dtype"] == "bf16" else m["DOT_PREC"]
+        rec["batched_gw"] = m["BATCHED_GW"]  # p·Γw one small dot per text (tiles.batched_gw)
         recs.append(rec)
     return recs
 

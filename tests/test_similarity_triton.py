@@ -102,7 +102,7 @@ TILE_CASES = [
 ]
 
 
-def test_fp32_block_diagonal_tiles_batch_p_gamma_w_only_with_a_text_per_warp():
+def test_block_diagonal_tiles_batch_p_gamma_w_only_with_a_text_per_warp():
     """tiles.batched_gw: one small dot per text for the block-diagonal tile at 8 texts of 16
     tokens (COCO's bucket 16), fp32 and bf16, the tile-wide dot elsewhere (fewer texts than
     warps, full Γ, dots under 16)."""
