@@ -550,13 +550,46 @@ def dynamic_mma_macs(build: OfflineBuild, trip_counts) -> int:
     return total
 
 
+_ACCESS_BYTES = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+# global loads and stores whose bytes are one access per lane (LDGSTS: cp.async, global to shared)
+_PER_LANE_GLOBAL = {"LDG": "load", "LDGSTS": "load", "STG": "store", "RED": "store", "ATOMG": "store"}
+# bulk copies (TMA) and the like move bytes no per-lane width tells
+_BULK_GLOBAL = ("UTMALDG", "UTMASTG", "UBLKCP", "UTMAREDG", "UBLKRED")
+
+
+def dynamic_global_bytes(build: OfflineBuild, trip_counts) -> dict:
+    """Bytes one program (all its warps) asks of global memory: {"load": ..., "store": ...}.
+
+    Each LDG/LDGSTS (loads, cp.async included) and STG/RED/ATOMG (stores) moves its access
+    width (``.128`` 16 B, ``.64`` 8, ``.U16`` 2, ``.U8`` 1, else 4) for each of a warp's 32
+    lanes, times every warp of the program; loops count as in :func:`dynamic_instructions`.
+    Masked-off lanes count as if they moved their bytes (the SASS does not say which lanes a
+    mask turns off), so this bounds from above what a masked tile reads; so does a software-
+    pipelined loop (``num_stages`` > 1): its body loads for a later trip, the last trips' loads
+    are predicated off but counted, and its prologue loads ``num_stages - 1`` trips ahead, so
+    it counts that many trips' loads once more. Refuses TMA bulk copies, whose bytes no
+    instruction width gives."""
+    out = {"load": 0, "store": 0}
+    for ins, w in zip(*_weights(build, trip_counts)):
+        parts = ins.opcode.split(".")
+        if parts[0] in _BULK_GLOBAL:
+            raise ValueError(f"{build.name}: {ins.opcode!r} is a bulk copy, whose bytes its width does not give")
+        kind = _PER_LANE_GLOBAL.get(parts[0])
+        if kind is None:
+            continue
+        width = next((_ACCESS_BYTES[p] for p in parts[1:] if p in _ACCESS_BYTES), 4)
+        out[kind] += w * width * 32 * build.num_warps
+    return out
+
+
 def report_record(build: OfflineBuild, trip_counts, **extra) -> dict:
     """One JSON-able record of ``build`` (no SASS/IR text) for bench/kernel_report.py.
 
     ``warp_instructions`` is :func:`dynamic_instructions` (per warp of one program),
     ``spill_instructions`` the same count of local-memory loads and stores alone (spills: where
     they sit, in a hot loop or once per program, decides what they cost), ``mma_macs``
-    :func:`dynamic_mma_macs` (per program); ``extra`` adds
+    :func:`dynamic_mma_macs` (per program), ``global_load_bytes`` / ``global_store_bytes``
+    :func:`dynamic_global_bytes` (per program); ``extra`` adds
     the caller's fields (variant, dtype, pairs per program...) and may not overwrite computed ones.
     """
     trips = _resolve_trips(build, trip_counts)
@@ -572,6 +605,7 @@ def report_record(build: OfflineBuild, trip_counts, **extra) -> dict:
         "wait_loops": [lp._asdict() for lp in build.wait_loops],
         "warp_instructions": dynamic_instructions(build, trips), "mma_macs": dynamic_mma_macs(build, trips),
         "spill_instructions": dynamic_instructions(build, trips, opcodes=("LDL", "STL")),
+        **{f"global_{k}_bytes": v for k, v in dynamic_global_bytes(build, trips).items()},
         "compile_seconds": build.compile_seconds, "triton": build.triton_version, "ptxas": build.ptxas_version,
     }
     clash = sorted(set(extra) & set(rec))

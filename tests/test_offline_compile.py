@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from bench.offline_compile import (OfflineBuild, SassLoop, _ast_arguments, compile_offline,
-                                   compile_offline_many, demo_matmul, dynamic_instructions,
+                                   compile_offline_many, demo_matmul, dynamic_global_bytes, dynamic_instructions,
                                    dynamic_mma_macs, find_loops, parse_sass, report_record)
 
 
@@ -270,11 +270,11 @@ SASS = """
 """
 
 
-def _toy_build() -> OfflineBuild:
-    instrs = parse_sass(SASS)
+def _toy_build(sass: str = SASS, name: str = "toy") -> OfflineBuild:
+    instrs = parse_sass(sass)
     loops, wait_loops = find_loops(instrs)
-    return OfflineBuild(name="toy", arch=90, num_warps=4, num_stages=1, registers=0, stack_bytes=0, spill_stores=0,
-                        spill_loads=0, spill_store_bytes=0, shared_bytes=0, shared_dynamic_bytes=0, sass=SASS,
+    return OfflineBuild(name=name, arch=90, num_warps=4, num_stages=1, registers=0, stack_bytes=0, spill_stores=0,
+                        spill_loads=0, spill_store_bytes=0, shared_bytes=0, shared_dynamic_bytes=0, sass=sass,
                         ttgir="", ptx="", dots_total=0, dots_wgmma=0, hgmma=0, hmma=1, ffma=1,
                         sass_instructions=len(instrs), loops=loops, wait_loops=wait_loops, compile_seconds=0.0)
 
@@ -291,3 +291,50 @@ def test_loop_finder_on_a_hand_written_listing():
         assert dynamic_instructions(b, [o, i], opcodes=("HMMA",)) == o * i
         assert dynamic_mma_macs(b, [o, i]) == o * i * 16 * 8 * 16 * 4
     assert dynamic_instructions(b, lambda depth, index: (2, 5)[depth]) == 5 + 20 + 30
+
+
+# Global accesses of every width, one each (no loop), in a 4-warp program.
+WIDTHS_SASS = """
+        code for sm_90a
+                Function : widths
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;   /* 0x000 */
+        /*0010*/                   LDG.E.U16 R8, desc[UR4][R2.64] ;   /* 0x000 */
+        /*0020*/               @P0 LDG.E.U8 R9, desc[UR4][R2.64] ;    /* 0x000 */
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R10], desc[UR4][R2.64] ;  /* 0x000 */
+        /*0040*/                   LDS.128 R12, [R10] ;               /* 0x000 */
+        /*0050*/                   STG.E.64 desc[UR4][R6.64], R4 ;    /* 0x000 */
+        /*0060*/                   STG.E desc[UR4][R6.64], R4 ;       /* 0x000 */
+        /*0070*/                   RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R6.64], R4 ;  /* 0x000 */
+        /*0080*/                   STL [R1], R4 ;                     /* 0x000 */
+        /*0090*/                   EXIT ;                             /* 0x000 */
+        /*00a0*/                   BRA 0xa0;                          /* 0x000 */
+"""
+
+
+def test_global_bytes_count_each_access_width_for_every_lane_of_every_warp():
+    """16 + 2 + 1 + 16 (cp.async) bytes loaded and 8 + 4 + 4 (a reduction) stored per lane,
+    times 32 lanes and 4 warps; shared and local memory are not global; a predicated load counts."""
+    assert dynamic_global_bytes(_toy_build(WIDTHS_SASS, "widths"), []) == {"load": 35 * 32 * 4, "store": 16 * 32 * 4}
+    # the hand-written loop listing: one 32-bit store after its loops, whatever their trips
+    assert dynamic_global_bytes(_toy_build(), [3, 7]) == {"load": 0, "store": 4 * 32 * 4}
+    tma = WIDTHS_SASS.replace("LDG.E.U16 R8, desc[UR4][R2.64]", "UTMALDG.2D [UR8], [UR4]")
+    with pytest.raises(ValueError, match="bulk copy"):
+        dynamic_global_bytes(_toy_build(tma, "tma"), [])
+
+
+def test_global_bytes_of_a_dot_are_its_operands_and_result(builds):
+    assert dynamic_global_bytes(builds["wgmma"], []) == {"load": (128 * 64 + 64 * 128) * 2, "store": 128 * 128 * 4}
+    assert dynamic_global_bytes(builds["mma_sync"], []) == {"load": (16 * 64 + 64 * 128) * 2, "store": 16 * 128 * 4}
+
+
+def test_global_bytes_of_pipelined_loops_count_the_loads_issued_ahead(builds):
+    """A K-loop with num_stages stages loads num_stages - 1 steps ahead in its prologue, and
+    its body's loads for steps past the end are predicated off but counted."""
+    b = builds["k_loop"]
+    step = (128 * 64 + 64 * 128) * 2  # demo_matmul: one BK step of A and B
+    for t in (1, 4, 16):
+        assert dynamic_global_bytes(b, [t]) == {"load": (t + b.num_stages - 1) * step, "store": 128 * 128 * 4}
+    b = builds["nested"]
+    step = (64 * 32 + 32 * 64) * 2
+    for n, k in ((1, 1), (3, 5)):
+        assert dynamic_global_bytes(b, [n, k]) == {"load": n * (k + b.num_stages - 1) * step, "store": n * 64 * 64 * 4}
