@@ -23,12 +23,17 @@ cores in v1), and one record per configuration says what the GPU would run:
   rows per image, the bucket's LB tokens; v1: powers of two); their ratio is the
   padding efficiency;
 - ``tensor_core_macs_per_pair``: what the tensor cores actually multiply per pair
-  (HGMMA/HMMA in SASS × trip counts), Γ products and masked blocks included.
+  (HGMMA/HMMA in SASS × trip counts), Γ products and masked blocks included;
+- ``global_bytes_per_pair``: bytes the program's global loads and stores ask for per pair
+  (access width × 32 lanes × warps × trip counts; masked-off lanes counted, so an upper
+  estimate): what the tiles read from L2 (features once per pass over the heads, Γ blocks,
+  paper's scratch) and write.
 
 Beside the records, ``coco_grid_estimates``: per kernel, variant and dtype, floors on the time
 of the full COCO 5K x 25K grid on an H200 (:func:`grid_estimates`: warp-instructions at one
 per scheduler and cycle, tensor-core work at the issue's 790 TFLOP/s), set against the
-issue's GPU targets, so that a commit that makes the GPU target unreachable shows offline.
+issue's GPU targets, so that a commit that makes the GPU target unreachable shows offline;
+beside each floor the time its global traffic takes at the issue's assumed L2 bandwidth.
 
 Trip counts come from the kernel's structure (heads, tiles, Γ chunks); each mapping is
 checked against the tensor-core multiply-adds the design says a program does, so a
@@ -78,7 +83,8 @@ GPU_TARGETS_S = {("acf-code", "bf16"): 2.0, ("paper", "bf16"): 6.0}  # issue 10,
 # The issue's H200: 132 SMs at a sustained 1.83 GHz, each with 4 warp schedulers that issue at
 # most one warp-instruction per cycle; dense 16-bit tensor-core products at 790 TFLOP/s (what
 # large GEMMs reach; the data sheet's 989 they do not). fp16 (the f16x3 path) runs at bf16's rate.
-H200 = dict(sms=132, clock_hz=1.83e9, schedulers=4, tensor_flops=790e12)
+# L2: the middle of the issue's 7-9 TB/s (an assumption until a GPU run measures it).
+H200 = dict(sms=132, clock_hz=1.83e9, schedulers=4, tensor_flops=790e12, l2_bytes_per_s=8e12)
 SM90_SHARED_LIMIT = 232_448  # bytes of dynamic shared memory one block may launch with on sm_90
 
 
@@ -319,6 +325,7 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["warp_instructions_per_pair"] = None
         rec["spill_instructions_per_pair"] = None
         rec["tensor_core_macs_per_pair"] = None
+        rec["global_bytes_per_pair"] = None
         rec["note"] = ("per-pair counts not derived: fp32 dots on CUDA cores (no tensor-core work to check the "
                        "trip-count mapping against)")
     else:
@@ -335,6 +342,7 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["spill_instructions_per_pair"] = rec["spill_instructions"] * build.num_warps / pairs
         rec["design_mma_macs_per_pair"] = expected_macs / pairs
         rec["tensor_core_macs_per_pair"] = macs / pairs
+        rec["global_bytes_per_pair"] = (rec["global_load_bytes"] + rec["global_store_bytes"]) / pairs
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
     # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots,
@@ -377,7 +385,12 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
     A floor, not a prediction: real kernels issue well under one instruction per cycle per
     scheduler (latencies, barriers, spills) and memory traffic, the precompute and the host
     products of the pairwise global score are not in it. What a GPU measures per bucket
-    (gpu_check's ``full_per_bucket``) sets against it."""
+    (gpu_check's ``full_per_bucket``) sets against it.
+
+    Beside it, ``l2_s``: the same configurations' global loads and stores
+    (``global_bytes_per_pair``) at ``l2_bytes_per_s``, the time the tiles' traffic takes if
+    it all hits L2. An estimate, not part of the floor: the bytes count masked lanes and
+    pipelined loads ahead, and the bandwidth is assumed."""
     N, M = grid
     if texts_per_bucket is None:
         texts_per_bucket = coco_texts_per_bucket(M)
@@ -401,8 +414,10 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
             for r in cands:
                 issue = pairs * r["warp_instructions_per_pair"] / issue_rate
                 tensor = pairs * 2 * r["tensor_core_macs_per_pair"] / gpu["tensor_flops"]
+                gb = r.get("global_bytes_per_pair")
                 cand = dict(bucket=b, pairs=pairs, num_stages=r["num_stages"], head_passes=r.get("head_passes", 1),
-                            issue_s=issue, tensor_s=tensor, floor_s=max(issue, tensor))
+                            issue_s=issue, tensor_s=tensor, floor_s=max(issue, tensor),
+                            l2_s=None if gb is None else pairs * gb / gpu["l2_bytes_per_s"])
                 if best is None or cand["floor_s"] < best["floor_s"]:
                     best = cand
             per_bucket.append(best)
@@ -410,6 +425,7 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
         out.append(dict(version=version, variant=variant, dtype=dtype, grid=list(grid), floor_s=floor,
                         issue_s=sum(p["issue_s"] for p in per_bucket),
                         tensor_s=sum(p["tensor_s"] for p in per_bucket),
+                        l2_s=None if any(p["l2_s"] is None for p in per_bucket) else sum(p["l2_s"] for p in per_bucket),
                         target_s=GPU_TARGETS_S.get((variant, dtype)), per_bucket=per_bucket))
     return out
 
@@ -432,18 +448,20 @@ def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("
 def markdown(report: dict) -> str:
     rows = ["| kernel | variant | dtype | bucket | warps / stages | head passes | registers | spill B | "
             "spill instr / pair | shared KiB | wgmma | warp-instr / pair | useful / padded MACs | "
-            "tensor-core MACs / pair |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+            "tensor-core MACs / pair | global KB / pair |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in report["records"]:
         wi = r["warp_instructions_per_pair"]
         si = r.get("spill_instructions_per_pair")
         tc = r["tensor_core_macs_per_pair"]
+        gb = r.get("global_bytes_per_pair")
         dt = r["dtype"] if r.get("dots", "bf16") == "bf16" else f"{r['dtype']} ({r['dots']})"
         rows.append(f"| {r['version']} | {r['variant']} | {dt} | {r['bucket']} | {r['num_warps']} / "
                     f"{r['num_stages']} | {r.get('head_passes', 1)} | {r['registers']} | {r['spill_bytes']} | "
                     f"{'-' if si is None else f'{si:.0f}'} | {r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
-                    f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} |")
+                    f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} | "
+                    f"{'-' if gb is None else f'{gb / 1e3:.1f}'} |")
     est = report.get("coco_grid_estimates")
     if est:
         g = report["gpu_assumed"]
@@ -453,16 +471,19 @@ def markdown(report: dict) -> str:
                  f"{g['tensor_flops'] / 1e12:.0f} TFLOP/s), per bucket the configuration with the lowest floor, COCO-like "
                  "caption lengths. Lower bounds at those rates, not predictions: memory traffic, the precompute and "
                  "the host's products are not in them, and no kernel issues an instruction every cycle. The fp32 "
-                 "target is 3 x the bf16 time.", "",
+                 "target is 3 x the bf16 time. L2 traffic: the same configurations' global loads and stores at an "
+                 f"assumed {g['l2_bytes_per_s'] / 1e12:.0f} TB/s of L2 (masked lanes and pipelined loads ahead "
+                 "counted): an estimate beside the floor, not part of it.", "",
                  "| kernel | variant | dtype | issue bound s | tensor-core bound s | floor s | floor / bf16 floor | "
-                 "GPU target s |",
-                 "|---|---|---|---:|---:|---:|---:|---:|"]
+                 "L2 traffic s | GPU target s |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         bf16 = {(e["version"], e["variant"]): e["floor_s"] for e in est if e["dtype"] == "bf16"}
         for e in est:
             t, b = e["target_s"], bf16.get((e["version"], e["variant"]))
             ratio = "-" if e["dtype"] == "bf16" or not b else f"{e['floor_s'] / b:.1f}"
+            l2 = "-" if e.get("l2_s") is None else f"{e['l2_s']:.2f}"
             rows.append(f"| {e['version']} | {e['variant']} | {e['dtype']} | {e['issue_s']:.2f} | {e['tensor_s']:.2f} | "
-                        f"{e['floor_s']:.2f} | {ratio} | {'-' if t is None else f'{t:g}'} |")
+                        f"{e['floor_s']:.2f} | {ratio} | {l2} | {'-' if t is None else f'{t:g}'} |")
     return "\n".join(rows)
 
 

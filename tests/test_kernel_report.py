@@ -102,15 +102,16 @@ def test_padding_efficiency_at_coco_lengths(records):
 def test_grid_floor_adds_each_buckets_larger_bound_for_its_best_configuration():
     """bench/kernel_report.grid_estimates on records with round counts, against the sums by
     hand: 1000 SMs x 1 scheduler at 1 GHz issue 1e12 warp-instructions per second, tensor
-    cores at 2e15 FLOP/s do 1e15 multiply-adds per second."""
-    gpu = dict(sms=1000, clock_hz=1e9, schedulers=1, tensor_flops=2e15)
+    cores at 2e15 FLOP/s do 1e15 multiply-adds per second, L2 moves 1e11 bytes per second
+    (beside the floor, for the configuration the floor chose)."""
+    gpu = dict(sms=1000, clock_hz=1e9, schedulers=1, tensor_flops=2e15, l2_bytes_per_s=1e11)
 
-    def rec(bucket, wi, macs, stages=1):
+    def rec(bucket, wi, macs, stages=1, gb=1e3):
         return dict(version="v2", variant="acf-code", dtype="bf16", bucket=bucket, num_stages=stages, head_passes=2,
-                    warp_instructions_per_pair=wi, tensor_core_macs_per_pair=macs)
+                    warp_instructions_per_pair=wi, tensor_core_macs_per_pair=macs, global_bytes_per_pair=gb)
 
-    recs = [rec(16, 8_000, 3e6), rec(16, 5_000, 9e6, stages=2),  # 8 ms / 3 ms; 5 ms / 9 ms: the first
-            rec(32, 20_000, 1e6)]  # 10 ms issue-bound
+    recs = [rec(16, 8_000, 3e6, gb=2e3), rec(16, 5_000, 9e6, stages=2),  # 8 ms / 3 ms; 5 ms / 9 ms: the first
+            rec(32, 20_000, 1e6, gb=4e3)]  # 10 ms issue-bound
     est = kernel_report.grid_estimates(recs, gpu=gpu, grid=(100_000, 15), texts_per_bucket={16: 10, 32: 5})
     assert len(est) == 1
     e = est[0]
@@ -119,6 +120,8 @@ def test_grid_floor_adds_each_buckets_larger_bound_for_its_best_configuration():
     assert by_bucket[16]["issue_s"] == pytest.approx(8e-3) and by_bucket[16]["tensor_s"] == pytest.approx(3e-3)
     assert by_bucket[32]["pairs"] == 500_000 and by_bucket[32]["floor_s"] == pytest.approx(10e-3)
     assert e["floor_s"] == pytest.approx(18e-3) and e["target_s"] == 2.0
+    # 1e6 pairs x 2 KB and 5e5 x 4 KB at 1e11 B/s: 20 ms each, more than the floor, not in it
+    assert by_bucket[16]["l2_s"] == pytest.approx(20e-3) and e["l2_s"] == pytest.approx(40e-3)
     with pytest.raises(ValueError, match="bucket 64"):
         kernel_report.grid_estimates(recs, gpu=gpu, grid=(100_000, 15), texts_per_bucket={16: 10, 64: 5})
 
@@ -131,3 +134,24 @@ def test_bf16_floors_on_the_coco_grid_leave_room_under_the_gpu_targets(records):
     for e in kernel_report.grid_estimates(list(records.values())):
         assert e["floor_s"] <= e["target_s"] * 2 / 3, \
             f"{e['variant']}: floor {e['floor_s']:.2f} s (issue {e['issue_s']:.2f}, tensor {e['tensor_s']:.2f})"
+
+
+def test_two_pass_tiles_read_the_features_twice(records):
+    """global_bytes_per_pair (offline_compile.dynamic_global_bytes) against the design: per
+    head, the acf-code tile reads its images' and texts' features (128 x 128 bf16 each) once
+    in one pass over the heads and twice in two (regions -> words, then words -> regions);
+    paper, whose O differs from Q, reads three and writes its attention to the scratch slot."""
+    tile = 128 * 128 * 2  # one side's features of one head of a tile, bf16
+    for (v, b, stages, passes), r in records.items():
+        pairs = r["pairs_per_program"]
+        loads, stores = r["global_load_bytes"] / pairs, r["global_store_bytes"] / pairs
+        if v == "acf-code":
+            assert loads >= passes * 2 * 8 * tile / pairs, (b, stages, passes, loads)
+            # and per head at most a tile's worth of Γw and of Γv blocks (their masked lanes counted),
+            # 10 % for the rest (masks, norms, S); a pipelined loop counts stages - 1 heads' loads more
+            assert loads <= 1.1 * (passes * 2 + 2) * (8 + stages - 1) * tile / pairs, (b, stages, passes, loads)
+        else:
+            assert loads >= 2 * 3 * 8 * tile / pairs and stores >= 2 * 8 * tile / pairs, (b, loads, stores)
+    for b in (16, 32):
+        one, two = records[("acf-code", b, 1, 1)], records[("acf-code", b, 1, 2)]
+        assert 1.3 * one["global_load_bytes"] < two["global_load_bytes"] < 2 * one["global_load_bytes"]
