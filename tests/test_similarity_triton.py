@@ -99,6 +99,8 @@ TILE_CASES = [
     ("acf-code-K36", "acf-code", None, (4, 5, 36, 20), (32, 2), (128, 32), tiles.BUCKETS),
     # 8 texts of bucket 16 in a 128-column tile: the batched p·Γw (tiles.batched_gw); bucket 32 beside it
     ("acf-code-8-texts", "acf-code", None, (5, 19, 5, 20), (32, 2), (16, 128), tiles.BUCKETS),
+    # COCO's phase B: 36 regions x 8 heads, Γv of 320 columns in 5 chunks; texts of 32 tokens x 8 heads, 2 chunks
+    ("paper-K36-H8", "paper", ALL_WEIGHTS, (4, 5, 36, 32), (64, 8), (128, 32), tiles.BUCKETS),
 ]
 
 
