@@ -152,8 +152,12 @@ def v2_expected_macs(m: dict) -> int:
         per_head += (m["GT"] * BR * m["LB"] ** 2 if m["BATCHED_GW"] else BR * BC * BC) + BC * BR * BR
     total = Hh * per_head * k
     if m["FULL"]:
-        HL = Hh * m["LB"]
-        total += (m["GT"] * BR * HL * HL + m["GI"] * BC * m["HKP"] * m["HKP"]) * k
+        # the quadratic forms take Γ's upper triangle of QC x QC chunks (tiles._gamma_form)
+        def form(side, QC):
+            nc = side // QC
+            return nc * (nc + 1) // 2 * QC * QC
+
+        total += (m["GT"] * BR * form(Hh * m["LB"], m["QCW"]) + m["GI"] * BC * form(m["HKP"], m["QCV"])) * k
     if m["PAIRWISE"]:
         PP = m["PP"]
         kappa_lambda = PP * BC * DHp + PP * BR * DHp
@@ -165,7 +169,10 @@ def v2_expected_macs(m: dict) -> int:
 
 def v2_trips(build, m: dict):
     """Trip count of each SASS loop of a v2 build: the tile loop runs once per tile (we
-    count per tile), each head loop (two with SPLIT) H times, the full-Γ quadratic forms NC × NC."""
+    count per tile), each head loop (two with SPLIT) H times; each full-Γ quadratic form of
+    more than two chunks (tiles._gamma_form unrolls up to two) its loop over its NC chunks NC
+    times, and within it the loop over the chunks before the current one (NC - 1) / 2 times
+    on average."""
     instrs = build.instructions()
     by_addr = {ins.address: ins for ins in instrs}
 
@@ -177,9 +184,9 @@ def v2_trips(build, m: dict):
     head_loops = sorted((lp for lp in loops if lp.depth == 1), key=hgmma_in)[-(2 if m["SPLIT"] else 1):]
     HL = m["H"] * m["LB"]
     ncw, ncv = HL // m["QCW"], m["HKP"] // m["QCV"]
-    quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image)
+    quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image), outer then inner
     if m["FULL"]:
-        quad = [ncw] * (2 * m["GT"] if ncw > 1 else 0) + [ncv] * (2 * m["GI"] if ncv > 1 else 0)
+        quad = [ncw, (ncw - 1) / 2] * (m["GT"] if ncw > 2 else 0) + [ncv, (ncv - 1) / 2] * (m["GI"] if ncv > 2 else 0)
     trips, q = [], iter(quad)
     for lp in loops:
         if lp.depth == 0:

@@ -104,6 +104,42 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _form_off_diagonal(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
+                       GS: tl.constexpr, item_in, QC: tl.constexpr, TILE: tl.constexpr, F16X3: tl.constexpr,
+                       DOT_PREC: tl.constexpr, kc, cn, y):
+    """y + x_k Γ_kn for chunk k = kc of x's columns and chunk n (columns cn) of Γ's (:func:`_gamma_form`)."""
+    ck = kc * QC + tl.arange(0, QC)
+    x_in = (ck < NX)[None, :]
+    xk = tl.load(att + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], mask=x_in,
+                 other=0.0)
+    xk_lo = _lo_plane(att_lo + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], x_in,
+                      xk, F16X3)
+    g_in = ((ck < GS) & item_in)[:, None]
+    gk = tl.load(gam + ck[:, None] * GS + cn[None, :], mask=g_in, other=0.0)
+    gk_lo = _lo_plane(gam_lo + ck[:, None] * GS + cn[None, :], g_in, gk, F16X3)
+    return _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
+
+
+@triton.jit
+def _form_diagonal(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
+                   GS: tl.constexpr, item_in, TILE: tl.constexpr, F16X3: tl.constexpr, DOT_PREC: tl.constexpr, cn, y):
+    """Σ_columns (2 y + x_n Γ_nn) ⊙ x_n for chunk n (columns cn): (R,) fp32 (:func:`_gamma_form`)."""
+    n_in = (cn < NX)[None, :]
+    xn = tl.load(att + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], mask=n_in,
+                 other=0.0)
+    xn_lo = _lo_plane(att_lo + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], n_in,
+                      xn, F16X3)
+    g_in = ((cn < GS) & item_in)[:, None]
+    gn = tl.load(gam + cn[:, None] * GS + cn[None, :], mask=g_in, other=0.0)
+    gn_lo = _lo_plane(gam_lo + cn[:, None] * GS + cn[None, :], g_in, gn, F16X3)
+    y = _dot3(xn, xn_lo, gn, gn_lo, y * 2.0, DOT_PREC)
+    xf = xn.to(tl.float32)
+    if F16X3:
+        xf += xn_lo.to(tl.float32) * (1.0 / 2048.0)
+    return tl.sum(y * xf, axis=1)
+
+
+@triton.jit
 def _gamma_form(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo, GS: tl.constexpr,
                 item_in, QC: tl.constexpr, TILE: tl.constexpr, F16X3: tl.constexpr, DOT_PREC: tl.constexpr):
     """x Γ xᵀ for each row of one item's attention x, the heads coupled (full Γ, phase B of
@@ -112,32 +148,34 @@ def _gamma_form(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.c
     att (att_lo: its F16X3 lo plane): scalar pointer to the item's first column in this
     program's scratch slot, where x[i, h*SEG + l] sits at h·2·TILE + rows[i]·RS + l; NX = H·SEG
     columns exist. gam (gam_lo) the item's (GS, GS) Γ, zero-padded beyond NX; item_in (QC,)
-    bool whether the item exists. Chunks of QC columns: y = x Γ[:, chunk], then Σ y ⊙ x[:, chunk].
-    (Pointers are formed as pointer + each offset term: int32 offsets summed first cost the
-    bf16 paper build 6 % more instructions per pair.)"""
+    bool whether the item exists.
+
+    Chunks of QC columns, and only Γ's upper triangle of chunks: Γ = P Pᵀ is symmetric
+    (acf_fast.precompute), so with y_n = 2 Σ_{k<n} x_k Γ_kn + x_n Γ_nn, x Γ xᵀ = Σ_n Σ y_n ⊙ x_n,
+    and x_n serves both the diagonal product and the last one: NC(NC+1)/2 chunk products and
+    reads of x where the whole square took NC² products and NC² + NC reads (COCO's images,
+    NC = 5: 15 of 25 and 15 of 30). Up to two chunks the loops are unrolled: a loop whose
+    inner loop runs at most once is compiled to a branch, whose work the offline report
+    (bench/kernel_report.py) cannot count. (Pointers are formed as pointer + each offset
+    term: int32 offsets summed first cost the bf16 paper build 6 % more instructions per pair.)"""
     NC: tl.constexpr = GS // QC
     out = tl.zeros((rows.shape[0],), dtype=tl.float32)
-    for nc in range(NC):
-        y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
-        for kc in range(NC):
-            ck = kc * QC + tl.arange(0, QC)
-            x_in = (ck < NX)[None, :]
-            xk = tl.load(att + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], mask=x_in,
-                         other=0.0)
-            xk_lo = _lo_plane(att_lo + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], x_in,
-                              xk, F16X3)
-            g_in = ((ck < GS) & item_in)[:, None]
-            gk = tl.load(gam + ck[:, None] * GS + nc * QC + tl.arange(0, QC)[None, :], mask=g_in, other=0.0)
-            gk_lo = _lo_plane(gam_lo + ck[:, None] * GS + nc * QC + tl.arange(0, QC)[None, :], g_in, gk, F16X3)
-            y = _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
-        cn = nc * QC + tl.arange(0, QC)
-        n_in = (cn < NX)[None, :]
-        xn = tl.load(att + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], mask=n_in,
-                     other=0.0).to(tl.float32)
-        if F16X3:
-            xn += tl.load(att_lo + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :],
-                          mask=n_in, other=0.0).to(tl.float32) * (1.0 / 2048.0)
-        out += tl.sum(y * xn, axis=1)
+    if NC <= 2:
+        for nc in tl.static_range(NC):
+            cn = nc * QC + tl.arange(0, QC)
+            y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
+            for kc in tl.static_range(nc):
+                y = _form_off_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3,
+                                       DOT_PREC, kc, cn, y)
+            out += _form_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE, F16X3, DOT_PREC, cn, y)
+    else:
+        for nc in range(NC):
+            cn = nc * QC + tl.arange(0, QC)
+            y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
+            for kc in range(nc):
+                y = _form_off_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3,
+                                       DOT_PREC, kc, cn, y)
+            out += _form_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE, F16X3, DOT_PREC, cn, y)
     return out
 
 
