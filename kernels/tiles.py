@@ -104,34 +104,29 @@ def _dot3(a_hi, a_lo, b_hi, b_lo, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _form_off_diagonal(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
-                       GS: tl.constexpr, item_in, QC: tl.constexpr, TILE: tl.constexpr, F16X3: tl.constexpr,
-                       DOT_PREC: tl.constexpr, kc, cn, y):
-    """y + x_k Γ_kn for chunk k = kc of x's columns and chunk n (columns cn) of Γ's (:func:`_gamma_form`)."""
-    ck = kc * QC + tl.arange(0, QC)
+def _form_operands(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
+                   GS: tl.constexpr, item_in, TILE: tl.constexpr, F16X3: tl.constexpr, ck, cn):
+    """Chunk k (columns ck) of the attention x, (R, QC), and block (k, n) of Γ, (QC, QC), each
+    with its F16X3 lo plane (:func:`_gamma_form`)."""
     x_in = (ck < NX)[None, :]
-    xk = tl.load(att + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], mask=x_in,
-                 other=0.0)
-    xk_lo = _lo_plane(att_lo + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], x_in,
-                      xk, F16X3)
+    x = tl.load(att + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], mask=x_in,
+                other=0.0)
+    x_lo = _lo_plane(att_lo + (ck // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (ck % SEG)[None, :], x_in,
+                     x, F16X3)
     g_in = ((ck < GS) & item_in)[:, None]
-    gk = tl.load(gam + ck[:, None] * GS + cn[None, :], mask=g_in, other=0.0)
-    gk_lo = _lo_plane(gam_lo + ck[:, None] * GS + cn[None, :], g_in, gk, F16X3)
-    return _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
+    g = tl.load(gam + ck[:, None] * GS + cn[None, :], mask=g_in, other=0.0)
+    g_lo = _lo_plane(gam_lo + ck[:, None] * GS + cn[None, :], g_in, g, F16X3)
+    return x, x_lo, g, g_lo
 
 
 @triton.jit
-def _form_diagonal(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
-                   GS: tl.constexpr, item_in, TILE: tl.constexpr, F16X3: tl.constexpr, DOT_PREC: tl.constexpr, cn, y):
-    """Σ_columns (2 y + x_n Γ_nn) ⊙ x_n for chunk n (columns cn): (R,) fp32 (:func:`_gamma_form`)."""
-    n_in = (cn < NX)[None, :]
-    xn = tl.load(att + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], mask=n_in,
-                 other=0.0)
-    xn_lo = _lo_plane(att_lo + (cn // SEG)[None, :] * (2 * TILE) + rows[:, None] * RS + (cn % SEG)[None, :], n_in,
-                      xn, F16X3)
-    g_in = ((cn < GS) & item_in)[:, None]
-    gn = tl.load(gam + cn[:, None] * GS + cn[None, :], mask=g_in, other=0.0)
-    gn_lo = _lo_plane(gam_lo + cn[:, None] * GS + cn[None, :], g_in, gn, F16X3)
+def _form_column(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.constexpr, gam, gam_lo,
+                 GS: tl.constexpr, item_in, QC: tl.constexpr, TILE: tl.constexpr, F16X3: tl.constexpr,
+                 DOT_PREC: tl.constexpr, nc, y):
+    """Σ_columns (2 y + x_n Γ_nn) ⊙ x_n for chunk n = nc, y = Σ_{k<n} x_k Γ_kn: (R,) fp32
+    (:func:`_gamma_form`)."""
+    cn = nc * QC + tl.arange(0, QC)
+    xn, xn_lo, gn, gn_lo = _form_operands(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE, F16X3, cn, cn)
     y = _dot3(xn, xn_lo, gn, gn_lo, y * 2.0, DOT_PREC)
     xf = xn.to(tl.float32)
     if F16X3:
@@ -165,17 +160,19 @@ def _gamma_form(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.c
             cn = nc * QC + tl.arange(0, QC)
             y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
             for kc in tl.static_range(nc):
-                y = _form_off_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3,
-                                       DOT_PREC, kc, cn, y)
-            out += _form_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE, F16X3, DOT_PREC, cn, y)
+                xk, xk_lo, gk, gk_lo = _form_operands(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE,
+                                                      F16X3, kc * QC + tl.arange(0, QC), cn)
+                y = _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
+            out += _form_column(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3, DOT_PREC, nc, y)
     else:
         for nc in range(NC):
             cn = nc * QC + tl.arange(0, QC)
             y = tl.zeros((rows.shape[0], QC), dtype=tl.float32)
             for kc in range(nc):
-                y = _form_off_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3,
-                                       DOT_PREC, kc, cn, y)
-            out += _form_diagonal(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE, F16X3, DOT_PREC, cn, y)
+                xk, xk_lo, gk, gk_lo = _form_operands(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, TILE,
+                                                      F16X3, kc * QC + tl.arange(0, QC), cn)
+                y = _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
+            out += _form_column(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3, DOT_PREC, nc, y)
     return out
 
 
