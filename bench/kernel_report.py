@@ -43,6 +43,7 @@ wrong mapping fails loudly instead of printing a wrong figure. The records of th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -58,19 +59,6 @@ DH = D // H
 L_MEAN = 14  # mean valid wordpieces of COCO-like captions (bench/gpu_check.py's draw: 14.0)
 
 
-def bucket_mean_lengths(M: int = 25000, seed: int = 0) -> dict:
-    """Mean valid length of the captions falling in each bucket, for gpu_check's COCO-like draw."""
-    import torch
-
-    from bench.gpu_check import coco_lengths
-
-    lengths = coco_lengths(M, torch.Generator().manual_seed(seed)).float()
-    out, lo = {}, 0
-    for b in BUCKETS:
-        sel = lengths[(lengths > lo) & (lengths <= b)]
-        out[b] = float(sel.mean()) if sel.numel() else float(b)
-        lo = b
-    return out
 E_EMBED = 1024  # width of the acf-code global embeddings
 BUCKETS = (16, 32)
 TARGETS = {  # issue 10: warp-instructions per pair (bf16), padding efficiency
@@ -213,7 +201,7 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         pairs = m["GI"] * m["GT"]
         rows_per_image = m["BR"] / m["GI"]
         rec = _record(b, v2_trips(b, m), v2_expected_macs(m), pairs, r,
-                      padded_K=rows_per_image, padded_L=m["LB"], L_useful=bucket_mean_lengths()[m["LB"]])
+                      padded_K=rows_per_image, padded_L=m["LB"], L_useful=coco_buckets()[m["LB"]][1])
         rec["tile"] = f"{m['GI']} images x {m['GT']} texts ({m['BR']} x {m['BC']} rows)"
         rec["head_passes"] = 2 if m["SPLIT"] else 1
         rec["dots"] = "bf16" if r["dtype"] == "bf16" else m["DOT_PREC"]
@@ -368,16 +356,20 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
     return rec
 
 
-def coco_texts_per_bucket(M: int = GRID[1], seed: int = 0) -> dict:
-    """Captions of gpu_check's COCO-like draw per v2 length bucket (v1 pads every text to 32)."""
+@functools.lru_cache(maxsize=None)
+def coco_buckets(M: int = GRID[1], seed: int = 0) -> dict:
+    """gpu_check's COCO-like caption draw per v2 length bucket, drawn once per (M, seed):
+    {bucket: (captions, their mean valid length)}; an empty bucket's mean is the bucket
+    itself (v1 pads every text to 32 and uses only the means). Read, do not modify."""
     import torch
 
     from bench.gpu_check import coco_lengths
 
-    lengths = coco_lengths(M, torch.Generator().manual_seed(seed))
+    lengths = coco_lengths(M, torch.Generator().manual_seed(seed)).float()
     out, lo = {}, 0
     for b in BUCKETS:
-        out[b] = int(((lengths > lo) & (lengths <= b)).sum())
+        sel = lengths[(lengths > lo) & (lengths <= b)]
+        out[b] = (sel.numel(), float(sel.mean()) if sel.numel() else float(b))
         lo = b
     return out
 
@@ -400,7 +392,7 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
     pipelined loads ahead, and the bandwidth is assumed."""
     N, M = grid
     if texts_per_bucket is None:
-        texts_per_bucket = coco_texts_per_bucket(M)
+        texts_per_bucket = {b: n for b, (n, _) in coco_buckets(M).items()}
     issue_rate = gpu["sms"] * gpu["schedulers"] * gpu["clock_hz"]  # warp-instructions per second
     groups = {}
     for r in records:
