@@ -196,6 +196,18 @@ def _i2t_norms(nrm, BATCHED_GW: tl.constexpr):
 
 
 @triton.jit
+def _image_counts(vmask_ptr, i0, N, slot_i, GI: tl.constexpr, K: tl.constexpr):
+    """(GIP,) fp32: valid regions of each image slot of the tile (at least 1), the regions ->
+    words means' denominators. Derived where they are used: computed at the tile's start, they
+    were live through the loop over the heads and spilled (offline sm_90 build)."""
+    kk = tl.arange(0, triton.next_power_of_2(K))
+    g_in = (slot_i < GI) & (slot_i < (N - i0).to(tl.int32))
+    m2 = tl.load((vmask_ptr + i0 * K) + slot_i[:, None] * K + kk[None, :], mask=g_in[:, None] & (kk < K)[None, :],
+                 other=0)
+    return tl.maximum(tl.sum((m2 != 0).to(tl.float32), axis=1), 1.0)
+
+
+@triton.jit
 def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
     """x (BC, BR) fp32 raw logits; seg (BR,) int32 image slot of each column; valid (BR,)
     bool; c = s·log2(e). Segments are the GI images of the tile (K columns each, not a
@@ -418,7 +430,6 @@ def _tile_kernel(
     n_it = tl.cdiv(N, GI)
     n_tiles = n_it * n_tt
     HL: tl.constexpr = H * LB
-    KP: tl.constexpr = triton.next_power_of_2(K)
     TILE: tl.constexpr = BR * BC
     slot = scratch_ptr + pid.to(tl.int64) * (H * 2 * TILE)
     slot_lo = slot + n_prog.to(tl.int64) * (H * 2 * TILE)  # F16X3: the lo plane of this program's slot
@@ -458,12 +469,8 @@ def _tile_kernel(
         gv_in = same_img & row_in[:, None]
         v_first = i0 * (K * DH)  # int64 element offset of the tile's first region row
         w_first = t0 * (LB * DH)
-        # valid query rows per image slot: the regions -> words means' denominators
-        kk = tl.arange(0, KP)
-        g_in = (slot_i < GI) & (slot_i < (N - i0).to(tl.int32))
-        m2 = tl.load((vmask_ptr + i0 * K) + slot_i[:, None] * K + kk[None, :], mask=g_in[:, None] & (kk < K)[None, :],
-                     other=0)
-        cnt_i = tl.maximum(tl.sum((m2 != 0).to(tl.float32), axis=1), 1.0)
+        if PAIRWISE:  # the image means per pair need them in the loop over the heads
+            cnt_i = _image_counts(vmask_ptr, i0, N, slot_i, GI, K)
 
         num_i = tl.zeros((BR, GT), dtype=tl.float32)
         if BATCHED_GW:  # (GT, BR): the batched dot's layout, texts first
@@ -609,6 +616,8 @@ def _tile_kernel(
                 # build, bf16 bucket 16: 176 -> 112 B per thread, and the loops over the heads
                 # from 23 spill instructions per head to none (3 since, bench/kernel_report.py).
                 vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
+                if not PAIRWISE:
+                    cnt_i = _image_counts(vmask_ptr, i0, N, slot_i, GI, K)
                 part = (u2 * u1) * _i2t_means(num_i, _i2t_norms(nrm_i, BATCHED_GW), vn, v_valid, img_r, cnt_i,
                                               eps, GI, GIP)
                 s_at, s_in = _s_block(S_ptr, stride_sn, stride_sm, wcol_ptr, i0, t0, N, Mb, GI, GIP, GT)
@@ -639,6 +648,8 @@ def _tile_kernel(
         if FULL or not SPLIT:
             vn = tl.load((vnorm_ptr + i0 * K) + r, mask=row_in, other=0.0)
             nrm_q = nrm_f if FULL else _i2t_norms(nrm_i, BATCHED_GW)
+            if not PAIRWISE:
+                cnt_i = _image_counts(vmask_ptr, i0, N, slot_i, GI, K)
             i2t = _i2t_means(num_i, nrm_q, vn, v_valid, img_r, cnt_i, eps, GI, GIP)
         wn = tl.load((wnorm_ptr + t0 * LB) + c, mask=col_in, other=0.0)
         cos_t = num_t / tl.maximum(wn[:, None] * tl.sqrt(nrm_t), eps)  # (BC, GIP)
