@@ -339,7 +339,8 @@ def run_case(variant, dname, shape, device, args, budget: Budget, log, ceiling_t
 
 def _per_bucket(launches: list) -> dict:
     """launch_tiles' per-launch timings summed per text bucket: pairs, tile-kernel seconds,
-    the pairwise global score's host products, and kernel nanoseconds per pair."""
+    the pairwise global score's kernel after them (kernels/pair_global.py), and kernel
+    nanoseconds per pair."""
     out = {}
     for t in launches:
         b = out.setdefault(str(t["LB"]), {"pairs": 0, "launches": 0, "kernel_s": 0.0, "global_s": 0.0})

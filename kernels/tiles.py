@@ -697,8 +697,8 @@ PAIR_ROWS = _MIN_DOT
 # Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
 # (full Γ is (n, H*T, H*T) fp32: 2 MiB per text at L = 32) while the tile layout fills.
 PREP_CHUNK = 1024
-# Pairs per launch when the pairwise global score is on: κ and λ are (pairs, D) each,
-# and the host GEMMs make two more (pairs, D) tensors (~8 KiB per pair in bf16).
+# Pairs per launch when the pairwise global score is on: κ and λ are (pairs, D) each
+# (4 KiB per pair in bf16, 8 in fp32), read by kernels/pair_global.py after the tiles.
 GLOBAL_PAIRS = 2**20
 
 
@@ -1208,22 +1208,20 @@ def _embed_global(out: torch.Tensor, gi: torch.Tensor, gt: torch.Tensor, u2: flo
 
 
 def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float) -> None:
-    """out[i, col] += (1 - u2) * cos(V_g, W_g) for images [lo, hi) and the bucket's texts."""
+    """out[i, col] += (1 - u2) * cos(V_g, W_g) for images [lo, hi) and the bucket's texts,
+    fused per pair (kernels/pair_global.py)."""
+    from .pair_global import add_pair_global  # it imports this module's dots
+
+    args, scales = _global_arguments(out, plan, bucket, kap, lam, lo, hi, u2, eps)
+    add_pair_global(*args, **scales)
+
+
+def _global_arguments(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float):
+    """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts. A
+    plan split into fp16 pairs has κ = ā Kw and λ = b̄ Kv carry their side's feature scale."""
     g = plan.glob
-    n, Mb = hi - lo, bucket.Mb
-    st = kap.dtype
-    if st == torch.float32:
-        Wg = _mm_fp32(kap, g.Zw)
-        Vg = _mm_fp32(lam, g.Zv)
-    else:
-        Wg = (kap @ g.Zw.to(st)).float()
-        Vg = (lam @ g.Zv.to(st)).float()
-    Vg = Vg.view(n, Mb, -1).mul_(g.sigma).add_(plan.images.gx[lo:hi, None, :])
-    Wg = Wg.view(n, Mb, -1)
-    dot = (Vg * Wg).sum(-1)
-    den = (Vg.norm(dim=-1) * Wg.norm(dim=-1)).clamp_(min=eps)
-    cols = bucket.col.to(torch.long)
-    out[lo:hi, cols] += (1.0 - u2) * (dot / den)
+    scales = dict(kap_scale=bucket.split.sigma, lam_scale=plan.images.split.sigma) if plan.split16 else {}
+    return (out[lo:hi], bucket.col, kap, lam, g.Zw, g.Zv, g.sigma, plan.images.gx[lo:hi], 1.0 - u2, eps), scales
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1241,19 +1239,25 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class CompileAhead:
     """What a :func:`compile_ahead` block collected: ``requests``, one (grid, args, kwargs)
     per tile-kernel build that the launches inside it need (every configuration the
-    autotuner may try); after the block, ``builds`` compiled in ``seconds`` on ``workers``
-    threads (none under the interpreter)."""
+    autotuner may try), and ``global_requests``, the same for the pairwise global score's
+    kernel (kernels/pair_global.py) after each; after the block, ``builds`` compiled in
+    ``seconds`` on ``workers`` threads (none under the interpreter)."""
 
     def __init__(self):
         self.requests: List[tuple] = []
+        self.global_requests: List[tuple] = []  # the same for kernels/pair_global.py (paper)
         self.builds = 0
         self.seconds = 0.0
         self.workers = 0
 
-    def compile(self, workers: Optional[int] = None, kernel=None) -> None:
+    def compile(self, workers: Optional[int] = None, kernel=None, global_kernel=None) -> None:
         """Build every request through the JIT's own path (``warmup``: same keys as the
-        launches), the builds on a thread pool. ``kernel``: the tile kernel (tests pass a stand-in)."""
+        launches), the builds on a thread pool. ``kernel``, ``global_kernel``: the tile kernel
+        and pair_global's (tests pass stand-ins)."""
+        from .pair_global import _pair_global_kernel
+
         kernel = _tile_kernel if kernel is None else kernel
+        global_kernel = _pair_global_kernel if global_kernel is None else global_kernel
         if _INTERPRET and kernel is _tile_kernel:
             return  # nothing to compile
         from concurrent.futures import ThreadPoolExecutor
@@ -1267,7 +1271,9 @@ class CompileAhead:
         with ThreadPoolExecutor(self.workers) as pool, AsyncCompileMode(pool):
             for grid, args, kwargs in self.requests:
                 kernel.warmup(*args, grid=grid, **kwargs)
-        self.builds = len({_request_key(r) for r in self.requests})
+            for grid, args, kwargs in self.global_requests:
+                global_kernel.warmup(*args, grid=grid, **kwargs)
+        self.builds = len({_request_key(r) for r in self.requests}) + len({_request_key(r) for r in self.global_requests})
         self.seconds = time.perf_counter() - t0
 
 
@@ -1282,8 +1288,9 @@ _AHEAD: Optional[CompileAhead] = None
 
 @contextlib.contextmanager
 def compile_ahead(workers: Optional[int] = None):
-    """Compile the tile kernels that the similarity calls inside the block need, all at
-    once on ``workers`` threads (default: every CPU), instead of one after another at their
+    """Compile the tile kernels (and paper's global-score kernel) that the similarity calls
+    inside the block need, all at once on ``workers`` threads (default: every CPU), instead of
+    one after another at their
     first launch. Inside the block nothing is launched: S comes back all zeros, scores of
     nothing, to be discarded (NaN would trip the callers' overflow checks). On leaving it
     every configuration the autotuner may try for those launches is built, so that later
@@ -1340,7 +1347,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     SPLIT (one or two passes over the heads). A plan split into fp16 pairs
     (``plan.split16``) runs the ``f16x3`` dots whatever ``dot_prec`` says. ``timings`` (a
     list): one dict per launch appended (bucket ``LB``, ``texts``, ``images``, ``pairs``,
-    ``kernel_s`` and ``global_s``, the host products of the pairwise global score after
+    ``kernel_s`` and ``global_s``, the pairwise global score's kernel (pair_global.py) after
     it), from CUDA events (the wall clock on CPU), so that a GPU run can set each bucket's
     time beside its offline instruction count."""
     img = plan.images
@@ -1398,6 +1405,13 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 kws = ([c.all_kwargs() for c in _prune(_configs(_INTERPRET), {}, **meta)] if tuned
                        else [_untuned_kwargs(split)])
                 ahead.requests += [(grid, args, {**meta, **kw}) for kw in kws]
+                if plan.glob is not None:  # and the pairwise global score's kernel after it
+                    from .pair_global import global_launch
+
+                    gargs, scales = _global_arguments(out, plan, b, kap, lam, lo, hi, u2, eps)
+                    launch = global_launch(*gargs, **scales)
+                    if launch is not None:
+                        ahead.global_requests.append(launch)
                 break  # every chunk compiles to the first one's kernel (_aligned_chunk_step)
             marks = [_mark(dev)] if timings is not None else None
             if tuned:
@@ -1407,9 +1421,6 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             if marks is not None:
                 marks.append(_mark(dev))
             if plan.glob is not None:
-                if plan.split16:  # κ = ā Kw and λ = b̄ Kv carry their side's feature scale
-                    kap.mul_(1.0 / b.split.sigma)
-                    lam.mul_(1.0 / img.split.sigma)
                 _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
             if marks is not None:
                 marks.append(_mark(dev))

@@ -68,7 +68,26 @@ def main():
     with tiles.compile_ahead(workers=2) as ahead:
         tiles.launch_tiles(plan, out, **kw)
     large = dict(requests=len(ahead.requests), cached=len(cache))
-    print(json.dumps(dict(small=small, large=large, configs=len(tiles._configs(False)))))
+    print(json.dumps(dict(small=small, large=large, configs=len(tiles._configs(False)), glob=global_score())))
+
+
+def global_score():
+    """paper's pairwise global score kernel (kernels/pair_global.py), both dtype paths, warmed
+    through compile_ahead's pool as a paper launch would leave them: builds, and the JIT's cache."""
+    from acf_fast.kernels import pair_global
+
+    g = torch.Generator().manual_seed(3)
+    ahead = tiles.CompileAhead()
+    for dt in (torch.bfloat16, torch.float32):
+        n, Mb, HD, D = 3, 5, 64, 48
+        S, col = torch.empty(n, Mb), torch.arange(Mb, dtype=torch.int32)
+        kap, lam = (torch.randn(n * Mb, HD, generator=g).to(dt) for _ in range(2))
+        ahead.global_requests.append(pair_global.global_launch(
+            S, col, kap, lam, torch.randn(HD, D, generator=g), torch.randn(HD, D, generator=g), torch.rand(D),
+            torch.randn(n, D, generator=g), 0.2, 1e-8))
+    ahead.compile(workers=2)
+    return dict(requests=len(ahead.global_requests), builds=ahead.builds,
+                cached=len(pair_global._pair_global_kernel.device_caches[0][0]))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,5 @@ def test_compile_ahead_builds_each_config_once_and_larger_plans_hit_the_cache(tm
     assert small["requests"] == small["builds"] == small["cached"] == 3 <= r["configs"]
     assert small["zero"]  # nothing was scored
     assert large["requests"] == 3 and large["cached"] == small["cached"]  # other sizes, the same kernels
+    # paper's global-score kernel, bf16 and fp32 (f16x3) paths: one build each
+    assert r["glob"] == dict(requests=2, builds=2, cached=2)

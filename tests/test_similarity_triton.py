@@ -487,12 +487,14 @@ def _launch_arguments(case, st, variant_dtype, **launch_kw):
             return lambda *a, **k: calls.append((a, k))
 
     plan, _ = _plan(case, st)
-    saved, tiles._tile_kernel = tiles._tile_kernel, Recorder()
+    # nor the pairwise global score after each launch: it would read the κ and λ not written
+    saved = tiles._tile_kernel, tiles._add_global
+    tiles._tile_kernel, tiles._add_global = Recorder(), lambda *a, **k: None
     try:
         _launch(case, torch.empty(case["V"].shape[0], case["W"].shape[0], device=case["V"].device), plan=plan,
                 tuned=False, **launch_kw)
     finally:
-        tiles._tile_kernel = saved
+        tiles._tile_kernel, tiles._add_global = saved
     jit = kern if isinstance(kern, JITFunction) else JITFunction(kern.fn, **kern.kwargs)  # interpreted: its options
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(jit.signature, jit.params, backend)
@@ -595,9 +597,28 @@ def test_compile_ahead_warms_every_request_through_the_kernel():
     ahead = tiles.CompileAhead()
     ahead.requests = [((3,), (t, 7), {"LB": 16, "num_warps": 8}), ((5,), (t, 9), {"LB": 16, "num_warps": 8}),
                       ((3,), (t, 7), {"LB": 32, "num_warps": 8})]
-    ahead.compile(workers=2, kernel=Kernel())
-    assert calls == ahead.requests
-    assert ahead.builds == 2 and ahead.workers == 2 and ahead.seconds >= 0
+    ahead.global_requests = [((2,), (t, 1), {"BM": 16, "DOT_PREC": "tf32"}), ((4,), (t, 3), {"BM": 16, "DOT_PREC": "tf32"})]
+    ahead.compile(workers=2, kernel=Kernel(), global_kernel=Kernel())
+    assert calls == ahead.requests + ahead.global_requests
+    assert ahead.builds == 3 and ahead.workers == 2 and ahead.seconds >= 0
+
+
+def test_compile_ahead_collects_the_global_score_kernel_of_each_bucket(device):
+    """With the pairwise global score (paper) a compile_ahead block also collects one
+    request of kernels/pair_global.py per bucket (its first chunk of images: every chunk
+    compiles to the same kernel), with its launch's kwargs; nothing runs and S stays zero."""
+    from acf_fast.kernels import pair_global
+
+    case = _two_buckets(make_case(9, 12, 5, 24, D=32, H=2, variant="paper", seed=12, device=device))
+    plan, _ = _plan(case, torch.float32)
+    out = torch.full((9, 12), float("nan"), device=device)
+    with tiles.compile_ahead() as ahead:
+        _launch(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
+    assert not out.any()
+    assert len(ahead.global_requests) == 2 == len(plan.buckets)
+    want = pair_global.pair_global_meta(torch.float32)
+    for grid, args, kw in ahead.global_requests:
+        assert kw == want and grid[0] >= 1 and args[0].shape[0] <= 9
 
 
 def _spread_heads(x: torch.Tensor, stride: int, planes: int) -> torch.Tensor:
