@@ -34,6 +34,8 @@ of the full COCO 5K x 25K grid on an H200 (:func:`grid_estimates`: warp-instruct
 per scheduler and cycle, tensor-core work at the issue's 790 TFLOP/s), set against the
 issue's GPU targets, so that a commit that makes the GPU target unreachable shows offline;
 beside each floor the time its global traffic takes at the issue's assumed L2 bandwidth.
+paper's records include its pairwise global score's kernel (kernels/pair_global.py, ``part``
+"global score", one row per pair), whose floor over all pairs adds to the tiles'.
 
 Trip counts come from the kernel's structure (heads, tiles, Γ chunks); each mapping is
 checked against the tensor-core multiply-adds the design says a program does, so a
@@ -210,6 +212,71 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
     return recs
 
 
+# --------------------------------------------------------------------------- v2: the pairwise global score
+
+
+def global_requests(dtypes):
+    """One build request per dtype path of kernels/pair_global.py (paper's pairwise global
+    score after the tiles) at the COCO shape: κ, λ of H·DH = 1024 columns, D = 1024."""
+    import torch
+
+    from acf_fast.kernels import pair_global
+
+    out = []
+    for dname in dtypes:
+        meta = pair_global.pair_global_meta(torch.bfloat16 if dname == "bf16" else torch.float32, interpret=False)
+        f16x3 = meta["DOT_PREC"] == "f16x3"
+        st = "*bf16" if dname == "bf16" else "*fp32"
+        zt = "*fp16" if f16x3 else st  # fp32: Zw, Zv as fp16 pairs
+        sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", col_ptr="*i32", kap_ptr=st, lam_ptr=st,
+                   zw_ptr=zt, zv_ptr=zt, lo_z="i32:16", sigma_ptr="*fp32", gx_ptr="*fp32", stride_gx="i32:16",
+                   P="i32", Mb="i32", HD="i32:16", D="i32:16", unscale_w="fp32", unscale_v="fp32", coef="fp32",
+                   eps="fp32")
+        ce = {k: meta[k] for k in ("BM", "BN", "BK", "DOT_PREC")}
+        out.append(dict(request=dict(fn=pair_global._pair_global_kernel, signature=sig, constexprs=ce,
+                                     num_warps=meta["num_warps"], num_stages=meta["num_stages"]),
+                        kernel="v2", variant="paper", dtype=dname, LB=None, meta=dict(ce, HD=H * DH, D=D)))
+    return out
+
+
+def global_trips(build, m: dict):
+    """Its two loops: over D in chunks of BN (once per program), within it the K-loop over
+    H·DH in steps of BK."""
+    if [lp.depth for lp in build.loops] != [0, 1]:
+        raise RuntimeError(f"pair-global build: loops at depths {[lp.depth for lp in build.loops]}, expected [0, 1]")
+    return [m["D"] // m["BN"], m["HD"] // m["BK"]]
+
+
+def global_records(dtypes, log):
+    """Records of the pairwise global score's kernel (``part`` "global score"), per pair:
+    its builds' counts like the tiles' (no padding: every pair is a row)."""
+    reqs = global_requests(dtypes)
+    builds = compile_offline_many([r["request"] for r in reqs])
+    log(f"pair-global: {len(builds)} builds")
+    recs = []
+    for r, b in zip(reqs, builds):
+        m = r["meta"]
+        trips = global_trips(b, m)
+        macs = dynamic_mma_macs(b, trips)
+        expected = 2 * m["BM"] * m["HD"] * m["D"] * (3 if m["DOT_PREC"] == "f16x3" else 1)  # κ Zw and λ Zv
+        if macs != expected:
+            raise RuntimeError(f"pair-global {r['dtype']}: the trip-count mapping gives {macs} tensor-core MACs per "
+                               f"program, the design {expected}")
+        pairs = m["BM"]
+        rec = report_record(b, trips, variant="paper", dtype=r["dtype"], bucket="all", version="v2",
+                            pairs_per_program=pairs)
+        rec.update(part="global score", spill_bytes=b.spill_store_bytes, main_dots=b.dots_total, wgmma=b.wgmma,
+                   head_passes=None, dots="bf16" if r["dtype"] == "bf16" else m["DOT_PREC"],
+                   warp_instructions_per_pair=rec["warp_instructions"] * b.num_warps / pairs,
+                   spill_instructions_per_pair=rec["spill_instructions"] * b.num_warps / pairs,
+                   design_mma_macs_per_pair=expected / pairs, tensor_core_macs_per_pair=macs / pairs,
+                   global_bytes_per_pair=(rec["global_load_bytes"] + rec["global_store_bytes"]) / pairs,
+                   useful_macs_per_pair=None, padded_macs_per_pair=None, padding_efficiency=None,
+                   tile=f"{pairs} pairs x {m['BN']} columns of D")
+        recs.append(rec)
+    return recs
+
+
 # --------------------------------------------------------------------------- v1: one pair per program
 
 
@@ -381,10 +448,13 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
     larger of an issue bound (warp-instructions at one per scheduler and cycle) and a
     tensor-core bound (its tensor-core multiply-adds at ``tensor_flops``); the buckets add.
 
+    Records of the pairwise global score's kernel (``part`` "global score", paper) add their
+    own floor over all N x M pairs: it runs after the tiles (``global_score`` in the result).
+
     A floor, not a prediction: real kernels issue well under one instruction per cycle per
-    scheduler (latencies, barriers, spills) and memory traffic, the precompute and the host
-    products of the pairwise global score are not in it. What a GPU measures per bucket
-    (gpu_check's ``full_per_bucket``) sets against it.
+    scheduler (latencies, barriers, spills) and memory traffic, the precompute and acf-code's
+    embedding GEMM are not in it. What a GPU measures per bucket (gpu_check's
+    ``full_per_bucket``, its ``global_s`` the global score's kernel) sets against it.
 
     Beside it, ``l2_s``: the same configurations' global loads and stores
     (``global_bytes_per_pair``) at ``l2_bytes_per_s``, the time the tiles' traffic takes if
@@ -394,11 +464,22 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
     if texts_per_bucket is None:
         texts_per_bucket = {b: n for b, (n, _) in coco_buckets(M).items()}
     issue_rate = gpu["sms"] * gpu["schedulers"] * gpu["clock_hz"]  # warp-instructions per second
-    groups = {}
+    groups, global_score = {}, {}
     for r in records:
         if r.get("warp_instructions_per_pair") is None or r.get("tensor_core_macs_per_pair") is None:
             continue  # v1's fp32 dots on CUDA cores: no per-pair counts
-        groups.setdefault((r["version"], r["variant"], r["dtype"]), []).append(r)
+        if r.get("part") == "global score":
+            global_score[(r["version"], r["variant"], r["dtype"])] = r
+        else:
+            groups.setdefault((r["version"], r["variant"], r["dtype"]), []).append(r)
+
+    def bounds(r, pairs):
+        issue = pairs * r["warp_instructions_per_pair"] / issue_rate
+        tensor = pairs * 2 * r["tensor_core_macs_per_pair"] / gpu["tensor_flops"]
+        gb = r.get("global_bytes_per_pair")
+        return dict(issue_s=issue, tensor_s=tensor, floor_s=max(issue, tensor),
+                    l2_s=None if gb is None else pairs * gb / gpu["l2_bytes_per_s"])
+
     out = []
     for (version, variant, dtype), recs in groups.items():
         per_bucket = []
@@ -411,20 +492,19 @@ def grid_estimates(records, gpu: dict = H200, grid=GRID, texts_per_bucket=None) 
             pairs = N * texts
             best = None
             for r in cands:
-                issue = pairs * r["warp_instructions_per_pair"] / issue_rate
-                tensor = pairs * 2 * r["tensor_core_macs_per_pair"] / gpu["tensor_flops"]
-                gb = r.get("global_bytes_per_pair")
                 cand = dict(bucket=b, pairs=pairs, num_stages=r["num_stages"], head_passes=r.get("head_passes", 1),
-                            issue_s=issue, tensor_s=tensor, floor_s=max(issue, tensor),
-                            l2_s=None if gb is None else pairs * gb / gpu["l2_bytes_per_s"])
+                            **bounds(r, pairs))
                 if best is None or cand["floor_s"] < best["floor_s"]:
                     best = cand
             per_bucket.append(best)
-        floor = sum(p["floor_s"] for p in per_bucket)
-        out.append(dict(version=version, variant=variant, dtype=dtype, grid=list(grid), floor_s=floor,
-                        issue_s=sum(p["issue_s"] for p in per_bucket),
-                        tensor_s=sum(p["tensor_s"] for p in per_bucket),
-                        l2_s=None if any(p["l2_s"] is None for p in per_bucket) else sum(p["l2_s"] for p in per_bucket),
+        # the pairwise global score's kernel runs after the tiles, over every pair: its floor adds
+        g = global_score.get((version, variant, dtype))
+        parts = per_bucket + ([dict(bucket="global score", pairs=N * M, **bounds(g, N * M))] if g else [])
+        out.append(dict(version=version, variant=variant, dtype=dtype, grid=list(grid),
+                        floor_s=sum(p["floor_s"] for p in parts), issue_s=sum(p["issue_s"] for p in parts),
+                        tensor_s=sum(p["tensor_s"] for p in parts),
+                        l2_s=None if any(p["l2_s"] is None for p in parts) else sum(p["l2_s"] for p in parts),
+                        global_score=parts[-1] if g else None,
                         target_s=GPU_TARGETS_S.get((variant, dtype)), per_bucket=per_bucket))
     return out
 
@@ -435,6 +515,8 @@ def build_report(kernels=("v2", "v1"), variants=("acf-code", "paper"), dtypes=("
     recs = []
     if "v2" in kernels:
         recs += v2_records(variants, dtypes, log)
+        if "paper" in variants:
+            recs += global_records(dtypes, log)
     if "v1" in kernels:
         recs += v1_records(variants, dtypes, log)
     return {"script": "bench/kernel_report.py", "target": "sm_90 (GPUTarget('cuda', 90, 32)), offline",
@@ -454,12 +536,14 @@ def markdown(report: dict) -> str:
         si = r.get("spill_instructions_per_pair")
         tc = r["tensor_core_macs_per_pair"]
         gb = r.get("global_bytes_per_pair")
+        pe = r["padding_efficiency"]
         dt = r["dtype"] if r.get("dots", "bf16") == "bf16" else f"{r['dtype']} ({r['dots']})"
-        rows.append(f"| {r['version']} | {r['variant']} | {dt} | {r['bucket']} | {r['num_warps']} / "
-                    f"{r['num_stages']} | {r.get('head_passes', 1)} | {r['registers']} | {r['spill_bytes']} | "
+        kern = r["version"] if r.get("part") is None else f"{r['version']} {r['part']}"
+        rows.append(f"| {kern} | {r['variant']} | {dt} | {r['bucket']} | {r['num_warps']} / "
+                    f"{r['num_stages']} | {r.get('head_passes') or '-'} | {r['registers']} | {r['spill_bytes']} | "
                     f"{'-' if si is None else f'{si:.0f}'} | {r['shared_bytes'] / 1024:.0f} | "
                     f"{'yes' if r['wgmma'] else 'no'} | {'-' if wi is None else f'{wi / 1e3:.1f} K'} | "
-                    f"{r['padding_efficiency']:.2f} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} | "
+                    f"{'-' if pe is None else f'{pe:.2f}'} | {'-' if tc is None else f'{tc / 1e6:.2f} M'} | "
                     f"{'-' if gb is None else f'{gb / 1e3:.1f}'} |")
     est = report.get("coco_grid_estimates")
     if est:
@@ -468,21 +552,23 @@ def markdown(report: dict) -> str:
         rows += ["", f"Offline floors for the full {N} x {M} grid on an H200 ({g['sms']} SMs at "
                  f"{g['clock_hz'] / 1e9:.2f} GHz, one warp-instruction per scheduler and cycle; tensor cores at "
                  f"{g['tensor_flops'] / 1e12:.0f} TFLOP/s), per bucket the configuration with the lowest floor, COCO-like "
-                 "caption lengths. Lower bounds at those rates, not predictions: memory traffic, the precompute and "
-                 "the host's products are not in them, and no kernel issues an instruction every cycle. The fp32 "
-                 "target is 3 x the bf16 time. L2 traffic: the same configurations' global loads and stores at an "
-                 f"assumed {g['l2_bytes_per_s'] / 1e12:.0f} TB/s of L2 (masked lanes and pipelined loads ahead "
+                 "caption lengths; paper's adds the floor of its pairwise global score's kernel over every pair "
+                 "(beside it). Lower bounds at those rates, not predictions: memory traffic, the precompute and "
+                 "acf-code's embedding GEMM are not in them, and no kernel issues an instruction every cycle. The "
+                 "fp32 target is 3 x the bf16 time. L2 traffic: the same configurations' global loads and stores at "
+                 f"an assumed {g['l2_bytes_per_s'] / 1e12:.0f} TB/s of L2 (masked lanes and pipelined loads ahead "
                  "counted): an estimate beside the floor, not part of it.", "",
-                 "| kernel | variant | dtype | issue bound s | tensor-core bound s | floor s | floor / bf16 floor | "
-                 "L2 traffic s | GPU target s |",
-                 "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                 "| kernel | variant | dtype | issue bound s | tensor-core bound s | floor s | of it, global score s | "
+                 "floor / bf16 floor | L2 traffic s | GPU target s |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         bf16 = {(e["version"], e["variant"]): e["floor_s"] for e in est if e["dtype"] == "bf16"}
         for e in est:
             t, b = e["target_s"], bf16.get((e["version"], e["variant"]))
             ratio = "-" if e["dtype"] == "bf16" or not b else f"{e['floor_s'] / b:.1f}"
             l2 = "-" if e.get("l2_s") is None else f"{e['l2_s']:.2f}"
+            gs = "-" if e.get("global_score") is None else f"{e['global_score']['floor_s']:.2f}"
             rows.append(f"| {e['version']} | {e['variant']} | {e['dtype']} | {e['issue_s']:.2f} | {e['tensor_s']:.2f} | "
-                        f"{e['floor_s']:.2f} | {ratio} | {l2} | {'-' if t is None else f'{t:g}'} |")
+                        f"{e['floor_s']:.2f} | {gs} | {ratio} | {l2} | {'-' if t is None else f'{t:g}'} |")
     return "\n".join(rows)
 
 
