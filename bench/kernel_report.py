@@ -240,11 +240,21 @@ def global_requests(dtypes):
 
 
 def global_trips(build, m: dict):
-    """Its two loops: over D in chunks of BN (once per program), within it the K-loop over
-    H·DH in steps of BK."""
-    if [lp.depth for lp in build.loops] != [0, 1]:
-        raise RuntimeError(f"pair-global build: loops at depths {[lp.depth for lp in build.loops]}, expected [0, 1]")
-    return [m["D"] // m["BN"], m["HD"] // m["BK"]]
+    """Its loops: over D in chunks of BN (once per program); within it the K-loop over H·DH in
+    steps of BK (the one with tensor-core work) and the loop over the images of the block's
+    pairs, once plus once per image boundary the block's BM consecutive pairs cross: at most
+    one with a bucket of COCO's (thousands of texts), on average (BM - 1) / Mb, here for the
+    smaller of gpu_check's two buckets."""
+    depths = [lp.depth for lp in build.loops]
+    if depths != [0, 1, 1]:
+        raise RuntimeError(f"pair-global build: loops at depths {depths}, expected [0, 1, 1]")
+    instrs = build.instructions()
+
+    def mma_in(lp):
+        return any(lp.start <= ins.address <= lp.end and ins.opcode.startswith("HGMMA") for ins in instrs)
+
+    images = 1 + (m["BM"] - 1) / min(n for n, _ in coco_buckets().values())
+    return [m["D"] // m["BN"]] + [m["HD"] // m["BK"] if mma_in(lp) else images for lp in build.loops[1:]]
 
 
 def global_records(dtypes, log):
@@ -266,7 +276,7 @@ def global_records(dtypes, log):
         rec = report_record(b, trips, variant="paper", dtype=r["dtype"], bucket="all", version="v2",
                             pairs_per_program=pairs)
         rec.update(part="global score", spill_bytes=b.spill_store_bytes, main_dots=b.dots_total, wgmma=b.wgmma,
-                   head_passes=None, dots="bf16" if r["dtype"] == "bf16" else m["DOT_PREC"],
+                   head_passes=None, dots="bf16" if r["dtype"] == "bf16" else m["DOT_PREC"], columns_per_chunk=m["BN"],
                    warp_instructions_per_pair=rec["warp_instructions"] * b.num_warps / pairs,
                    spill_instructions_per_pair=rec["spill_instructions"] * b.num_warps / pairs,
                    design_mma_macs_per_pair=expected / pairs, tensor_core_macs_per_pair=macs / pairs,

@@ -45,14 +45,18 @@ def _chunk_product(a, z_ptr, lo_z, k, n, HD, D, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _chunk_reduce(acc_w, acc_v, n, p_in, img, sigma_ptr, gx_ptr, stride_gx, D, unscale_w, unscale_v, vw, vv, ww):
+def _chunk_reduce(acc_w, acc_v, n, img, i_lo, i_hi, sigma_ptr, gx_ptr, stride_gx, D, unscale_w, unscale_v, vw, vv, ww):
     """Columns n of W_g = acc_w·unscale_w and V_g = σ ⊙ acc_v·unscale_v + gx of each pair's
-    image, added to the running (BM,) V·W, ‖V‖², ‖W‖²."""
+    image, added to the running (BM,) V·W, ‖V‖², ‖W‖². The block's pairs belong to images
+    i_lo..i_hi (two at most where a bucket holds BM texts or more): gx is added one image row
+    at a time, where a gather per element held a 64-bit address per pair and column."""
     n_in = n < D
     sig = tl.load(sigma_ptr + n, mask=n_in, other=0.0)
-    g = tl.load(gx_ptr + img.to(tl.int64)[:, None] * stride_gx + n[None, :], mask=p_in[:, None] & n_in[None, :],
-                other=0.0)
-    v = acc_v * (sig * unscale_v)[None, :] + g
+    v = acc_v * (sig * unscale_v)[None, :]
+    gx_lo = gx_ptr + i_lo.to(tl.int64) * stride_gx
+    for r in range(0, i_hi - i_lo + 1):
+        g = tl.load(gx_lo + r * stride_gx + n, mask=n_in, other=0.0)
+        v += tl.where((img - i_lo == r)[:, None], g[None, :], 0.0)
     w = acc_w * unscale_w
     return vw + tl.sum(v * w, axis=1), vv + tl.sum(v * v, axis=1), ww + tl.sum(w * w, axis=1)
 
@@ -73,6 +77,8 @@ def _pair_global_kernel(
     p = pid * BM + tl.arange(0, BM)
     p_in = p < P
     img = p // Mb
+    i_lo = (pid * BM) // Mb
+    i_hi = (tl.minimum(pid * BM + BM, P) - 1) // Mb
     p64 = p.to(tl.int64)
     kk = tl.arange(0, BK)
     nn = tl.arange(0, BN)
@@ -90,8 +96,8 @@ def _pair_global_kernel(
             acc_w = _chunk_product(a, zw_ptr, lo_z, k, n, HD, D, acc_w, DOT_PREC)
             b = tl.load(lam_ptr + p64[:, None] * HD + k[None, :], mask=a_in, other=0.0)
             acc_v = _chunk_product(b, zv_ptr, lo_z, k, n, HD, D, acc_v, DOT_PREC)
-        vw, vv, ww = _chunk_reduce(acc_w, acc_v, n, p_in, img, sigma_ptr, gx_ptr, stride_gx, D, unscale_w, unscale_v,
-                                   vw, vv, ww)
+        vw, vv, ww = _chunk_reduce(acc_w, acc_v, n, img, i_lo, i_hi, sigma_ptr, gx_ptr, stride_gx, D, unscale_w,
+                                   unscale_v, vw, vv, ww)
     cos = vw / tl.maximum(tl.sqrt(vv) * tl.sqrt(ww), eps)
     col = tl.load(col_ptr + (p - img * Mb), mask=p_in, other=0).to(tl.int64)
     at = S_ptr + img.to(tl.int64) * stride_sn + col * stride_sm
@@ -106,20 +112,19 @@ import torch  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PAIRS_PER_PROGRAM = 128
-COLUMNS_PER_STEP = 64  # of D per sweep of the K-loop
 
 
 def pair_global_meta(dtype: torch.dtype, interpret: bool = _INTERPRET) -> dict:
     """Constexprs and launch options of :func:`_pair_global_kernel` for κ's dtype (also used by
-    bench/kernel_report.py). Offline sm_90 build, triton 3.9 and 3.6: 128 pairs × 64 columns,
-    K steps of 64 (16-bit) or 32 (fp32, whose Zw and Zv come as fp16 pairs) and three stages
-    build without spills (230–255 registers, 113–145 KiB of shared memory). 128 columns read κ
-    and λ half as often from L2 but spilled 0.7 KB per thread (both products' accumulators and
-    the epilogue's gather of gx), two halves of 64 in one sweep 12–200 B."""
+    bench/kernel_report.py). Offline sm_90 build, triton 3.9 and 3.6, three stages, no spills:
+    16-bit, 128 pairs × 128 columns of D, K steps of 64 (253–255 registers, 193 KiB of shared
+    memory); fp32, whose Zw and Zv come as fp16 pairs, 128 × 64, K steps of 32 (208–214
+    registers, 113 KiB): at 128 columns it spilled 56–68 B. Wider chunks read κ and λ from L2
+    fewer times (once per chunk)."""
     split = dtype == torch.float32
     if interpret:  # small blocks: the interpreter's cost grows with them
         return dict(BM=16, BN=16, BK=16, DOT_PREC="f16x3" if split else "tf32", num_warps=4, num_stages=1)
-    return dict(BM=PAIRS_PER_PROGRAM, BN=COLUMNS_PER_STEP, BK=32 if split else 64,
+    return dict(BM=PAIRS_PER_PROGRAM, BN=64 if split else 128, BK=32 if split else 64,
                 DOT_PREC="f16x3" if split else "tf32", num_warps=8, num_stages=3)
 
 
