@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.flops import pair_macs  # noqa: E402
-from bench.offline_compile import compile_offline_many, dynamic_mma_macs, report_record  # noqa: E402
+from bench.offline_compile import compile_offline_many, report_record  # noqa: E402
 
 H, D, K = 8, 1024, 36
 DH = D // H
@@ -157,6 +157,11 @@ def v2_expected_macs(m: dict) -> int:
     return total
 
 
+def _mma_in(instrs, lp) -> int:
+    """Tensor-core instructions (HGMMA, HMMA) in SASS loop ``lp`` (inner loops included)."""
+    return sum(1 for ins in instrs if lp.start <= ins.address <= lp.end and ins.opcode.startswith(("HGMMA", "HMMA")))
+
+
 def v2_trips(build, m: dict):
     """Trip count of each SASS loop of a v2 build: the tile loop runs once per tile (we
     count per tile), each head loop (two with SPLIT) H times; each full-Γ quadratic form of
@@ -164,14 +169,10 @@ def v2_trips(build, m: dict):
     times, and within it the loop over the chunks before the current one (NC - 1) / 2 times
     on average."""
     instrs = build.instructions()
-    by_addr = {ins.address: ins for ins in instrs}
-
-    def hgmma_in(lp):
-        return sum(1 for ins in instrs if lp.start <= ins.address <= lp.end and ins.opcode.startswith(("HGMMA", "HMMA")))
-
     loops = list(build.loops)
     # the head loops (SPLIT: regions -> words, then words -> regions) hold the most wgmma
-    head_loops = sorted((lp for lp in loops if lp.depth == 1), key=hgmma_in)[-(2 if m["SPLIT"] else 1):]
+    head_loops = sorted((lp for lp in loops if lp.depth == 1),
+                        key=lambda lp: _mma_in(instrs, lp))[-(2 if m["SPLIT"] else 1):]
     HL = m["H"] * m["LB"]
     ncw, ncv = HL // m["QCW"], m["HKP"] // m["QCV"]
     quad = []  # phase B chunk loops in SASS order: i2t (per text) then t2i (per image), outer then inner
@@ -183,12 +184,11 @@ def v2_trips(build, m: dict):
             trips.append(1)
         elif lp in head_loops:
             trips.append(m["H"])
-        elif hgmma_in(lp):
+        elif _mma_in(instrs, lp):
             trips.append(next(q))
         else:
             raise RuntimeError(f"v2 build: a loop without tensor-core work at depth {lp.depth} "
                                f"({lp.body_instructions} instructions) that the trip-count mapping does not know")
-    del by_addr
     return trips
 
 
@@ -249,12 +249,8 @@ def global_trips(build, m: dict):
     if depths != [0, 1, 1]:
         raise RuntimeError(f"pair-global build: loops at depths {depths}, expected [0, 1, 1]")
     instrs = build.instructions()
-
-    def mma_in(lp):
-        return any(lp.start <= ins.address <= lp.end and ins.opcode.startswith("HGMMA") for ins in instrs)
-
     images = 1 + (m["BM"] - 1) / min(n for n, _ in coco_buckets().values())
-    return [m["D"] // m["BN"]] + [m["HD"] // m["BK"] if mma_in(lp) else images for lp in build.loops[1:]]
+    return [m["D"] // m["BN"]] + [m["HD"] // m["BK"] if _mma_in(instrs, lp) else images for lp in build.loops[1:]]
 
 
 def global_records(dtypes, log):
@@ -267,20 +263,12 @@ def global_records(dtypes, log):
     for r, b in zip(reqs, builds):
         m = r["meta"]
         trips = global_trips(b, m)
-        macs = dynamic_mma_macs(b, trips)
         expected = 2 * m["BM"] * m["HD"] * m["D"] * (3 if m["DOT_PREC"] == "f16x3" else 1)  # κ Zw and λ Zv
-        if macs != expected:
-            raise RuntimeError(f"pair-global {r['dtype']}: the trip-count mapping gives {macs} tensor-core MACs per "
-                               f"program, the design {expected}")
         pairs = m["BM"]
-        rec = report_record(b, trips, variant="paper", dtype=r["dtype"], bucket="all", version="v2",
-                            pairs_per_program=pairs)
+        rec = _per_pair_record(b, trips, expected, pairs, exact=True, what=f"pair-global {r['dtype']}",
+                               variant="paper", dtype=r["dtype"], bucket="all", version="v2", pairs_per_program=pairs)
         rec.update(part="global score", spill_bytes=b.spill_store_bytes, main_dots=b.dots_total, wgmma=b.wgmma,
                    head_passes=None, dots="bf16" if r["dtype"] == "bf16" else m["DOT_PREC"], columns_per_chunk=m["BN"],
-                   warp_instructions_per_pair=rec["warp_instructions"] * b.num_warps / pairs,
-                   spill_instructions_per_pair=rec["spill_instructions"] * b.num_warps / pairs,
-                   design_mma_macs_per_pair=expected / pairs, tensor_core_macs_per_pair=macs / pairs,
-                   global_bytes_per_pair=(rec["global_load_bytes"] + rec["global_store_bytes"]) / pairs,
                    useful_macs_per_pair=None, padded_macs_per_pair=None, padding_efficiency=None,
                    tile=f"{pairs} pairs x {m['BN']} columns of D")
         recs.append(rec)
@@ -345,14 +333,10 @@ def v1_trips(build, m: dict):
     """v1's SASS loops: per direction a loop over query-row blocks (when there are several)
     around the head loop, then the global score's D loop (paper) or E loop (acf-code)."""
     instrs = build.instructions()
-
-    def mma_in(lp):
-        return any(lp.start <= i.address <= lp.end and i.opcode.startswith(("HMMA", "HGMMA")) for i in instrs)
-
     blocks = iter([m["KP"] // m["KB"], m["LP"] // m["LB"]])
     trips = []
     for lp in build.loops:
-        if not mma_in(lp):
+        if not _mma_in(instrs, lp):
             trips.append(m["D"] // m["BLOCK_D"] if m["PAIRWISE"] else -(-E_EMBED // m["BLOCK_E"]))
         elif lp.depth == 1 or (lp.depth == 0 and not any(o.depth == 1 and lp.start <= o.start <= lp.end
                                                          for o in build.loops)):
@@ -382,6 +366,23 @@ def v1_records(variants, dtypes, log):
 # --------------------------------------------------------------------------- records
 
 
+def _per_pair_record(build, trips, expected_macs: int, pairs: int, *, exact: bool, what: str, **extra) -> dict:
+    """offline_compile.report_record of ``build`` plus its counts per pair, after checking the
+    trip-count mapping: the tensor-core multiply-adds it gives must equal the design's
+    ``expected_macs`` per program (``exact``), else lie within 1-4x of them."""
+    rec = report_record(build, trips, **extra)
+    macs = rec["mma_macs"]
+    if macs != expected_macs if exact else not expected_macs <= macs <= 4 * expected_macs:
+        raise RuntimeError(f"{what}: the trip-count mapping gives {macs} tensor-core MACs per program, the design "
+                           f"{expected_macs}: loops {[(lp.depth, lp.body_instructions) for lp in build.loops]}")
+    rec["warp_instructions_per_pair"] = rec["warp_instructions"] * build.num_warps / pairs
+    rec["spill_instructions_per_pair"] = rec["spill_instructions"] * build.num_warps / pairs
+    rec["design_mma_macs_per_pair"] = expected_macs / pairs
+    rec["tensor_core_macs_per_pair"] = macs / pairs
+    rec["global_bytes_per_pair"] = (rec["global_load_bytes"] + rec["global_store_bytes"]) / pairs
+    return rec
+
+
 def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: float, padded_L: float,
             L_useful: float) -> dict:
     variant = req["variant"]
@@ -401,20 +402,10 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
         rec["note"] = ("per-pair counts not derived: fp32 dots on CUDA cores (no tensor-core work to check the "
                        "trip-count mapping against)")
     else:
-        rec = report_record(build, trips, **extra)
-        macs = dynamic_mma_macs(build, trips)
         # v2's tiles fill every warp; v1's small per-pair dots can be replicated across warps
         # (issued, so counted): there the design is a floor, not an equality.
-        exact = req["kernel"] == "v2"
-        if expected_macs is not None and (macs != expected_macs if exact else not expected_macs <= macs <= 4 * expected_macs):
-            raise RuntimeError(f"{build.name} {variant} {req['dtype']} LB={req['LB']}: the trip-count mapping gives "
-                               f"{macs} tensor-core MACs per program, the design {expected_macs}: "
-                               f"loops {[(lp.depth, lp.body_instructions) for lp in build.loops]}")
-        rec["warp_instructions_per_pair"] = rec["warp_instructions"] * build.num_warps / pairs
-        rec["spill_instructions_per_pair"] = rec["spill_instructions"] * build.num_warps / pairs
-        rec["design_mma_macs_per_pair"] = expected_macs / pairs
-        rec["tensor_core_macs_per_pair"] = macs / pairs
-        rec["global_bytes_per_pair"] = (rec["global_load_bytes"] + rec["global_store_bytes"]) / pairs
+        rec = _per_pair_record(build, trips, expected_macs, pairs, exact=req["kernel"] == "v2",
+                               what=f"{build.name} {variant} {req['dtype']} LB={req['LB']}", **extra)
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
     # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots,
