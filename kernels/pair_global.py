@@ -107,6 +107,7 @@ def _pair_global_kernel(
 # --------------------------------------------------------------------------- host side
 
 import os  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -128,25 +129,41 @@ def pair_global_meta(dtype: torch.dtype, interpret: bool = _INTERPRET) -> dict:
                 DOT_PREC="f16x3" if split else "tf32", num_warps=8, num_stages=3)
 
 
+def z_operands(Zw: torch.Tensor, Zv: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Zw, Zv (HD, D) fp32 as the kernel takes them for κ, λ of ``dtype``: in that dtype, or for
+    fp32 as fp16 pairs scaled by a power of two each (``scale_w``, ``scale_v``; their lo planes
+    ``lo_z`` elements on). Made once per set of weights (tiles.plan_tiles keeps them): the fp32
+    split reads each matrix's largest magnitude back to the host, which would stall the
+    queue of launches if done per launch."""
+    if dtype == torch.float32:
+        sw, sv = (split16_scale(float(z.abs().max())) for z in (Zw, Zv))
+        zw = split16_planes(Zw, sw)
+        return dict(dtype=dtype, zw=zw, zv=split16_planes(Zv, sv), lo_z=lo_plane_offset(zw[0]), scale_w=sw, scale_v=sv)
+    return dict(dtype=dtype, zw=Zw.to(dtype).contiguous(), zv=Zv.to(dtype).contiguous(), lo_z=0, scale_w=1.0,
+                scale_v=1.0)
+
+
 def add_pair_global(S: torch.Tensor, col: torch.Tensor, kap: torch.Tensor, lam: torch.Tensor, Zw: torch.Tensor,
                     Zv: torch.Tensor, sigma: torch.Tensor, gx: torch.Tensor, coef: float, eps: float, *,
-                    kap_scale: float = 1.0, lam_scale: float = 1.0) -> torch.Tensor:
+                    kap_scale: float = 1.0, lam_scale: float = 1.0, z: Optional[dict] = None) -> torch.Tensor:
     """S[i, col[j]] += coef · cos(σ ⊙ (λ_p Zv) + gx_i, κ_p Zw) for every pair p = i·Mb + j;
     S updated in place and returned.
 
     S (n, ≥ max(col) + 1) fp32, any strides; col (Mb,) int32 distinct columns; kap, lam
     (n·Mb, HD) bf16, fp16 or fp32 holding kap_scale·κ and lam_scale·λ (fp32: within ±2^13,
     as the tiles' fp32 path writes them: they are split into fp16 pairs); Zw, Zv (HD, D)
-    fp32; sigma (D,) fp32; gx (n, D) fp32. Nothing outside the n × Mb entries named is
+    fp32; sigma (D,) fp32; gx (n, D) fp32; z: :func:`z_operands` of Zw, Zv for κ's dtype,
+    when the caller keeps them (else made here). Nothing outside the n × Mb entries named is
     written."""
-    launch = global_launch(S, col, kap, lam, Zw, Zv, sigma, gx, coef, eps, kap_scale=kap_scale, lam_scale=lam_scale)
+    launch = global_launch(S, col, kap, lam, Zw, Zv, sigma, gx, coef, eps, kap_scale=kap_scale, lam_scale=lam_scale,
+                           z=z)
     if launch is not None:
         grid, args, kwargs = launch
         _pair_global_kernel[grid](*args, **kwargs)
     return S
 
 
-def global_launch(S, col, kap, lam, Zw, Zv, sigma, gx, coef, eps, *, kap_scale=1.0, lam_scale=1.0):
+def global_launch(S, col, kap, lam, Zw, Zv, sigma, gx, coef, eps, *, kap_scale=1.0, lam_scale=1.0, z=None):
     """(grid, args, kwargs) of :func:`add_pair_global`'s launch (its arguments checked), or
     None when there is no pair; also what ``tiles.compile_ahead`` builds ahead."""
     n, Mb = S.shape[0], col.shape[0]
@@ -157,19 +174,14 @@ def global_launch(S, col, kap, lam, Zw, Zv, sigma, gx, coef, eps, *, kap_scale=1
                          f"({n}*{Mb}, HD), Zw/Zv {tuple(Zw.shape)}/{tuple(Zv.shape)} (HD, D)")
     if sigma.shape != (D,) or gx.shape != (n, D):
         raise ValueError(f"add_pair_global: sigma {tuple(sigma.shape)} must be ({D},), gx {tuple(gx.shape)} ({n}, {D})")
+    if z is not None and z["dtype"] != kap.dtype:
+        raise ValueError(f"add_pair_global: z was made for {z['dtype']}, kap is {kap.dtype}")
     if P == 0:
         return None
     meta = pair_global_meta(kap.dtype)
-    unscale_w, unscale_v = 1.0 / kap_scale, 1.0 / lam_scale
-    if meta["DOT_PREC"] == "f16x3":
-        sw, sv = (split16_scale(float(z.abs().max())) for z in (Zw, Zv))
-        zw, zv = split16_planes(Zw, sw), split16_planes(Zv, sv)
-        lo_z = lo_plane_offset(zw[0])
-        unscale_w, unscale_v = unscale_w / sw, unscale_v / sv
-    else:
-        zw, zv = (z.to(kap.dtype).contiguous() for z in (Zw, Zv))
-        lo_z = 0
+    z = z_operands(Zw, Zv, kap.dtype) if z is None else z
     gx = gx.float()
-    args = (S, S.stride(0), S.stride(1), col, kap.contiguous(), lam.contiguous(), zw, zv, lo_z,
-            sigma.float().contiguous(), gx, gx.stride(0), P, Mb, HD, D, unscale_w, unscale_v, float(coef), float(eps))
+    args = (S, S.stride(0), S.stride(1), col, kap.contiguous(), lam.contiguous(), z["zw"], z["zv"], z["lo_z"],
+            sigma.float().contiguous(), gx, gx.stride(0), P, Mb, HD, D, 1.0 / (kap_scale * z["scale_w"]),
+            1.0 / (lam_scale * z["scale_v"]), float(coef), float(eps))
     return (triton.cdiv(P, meta["BM"]),), args, meta

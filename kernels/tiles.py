@@ -810,6 +810,7 @@ class GlobalWeights:
     Zw: torch.Tensor
     Zv: torch.Tensor
     sigma: torch.Tensor
+    operands: Optional[dict] = None  # Zw, Zv as pair_global's kernel takes them (plan_tiles: pair_global.z_operands)
 
 
 @dataclass
@@ -1024,9 +1025,14 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
             x_g = weights.get("x_g")
             Gx = G.detach().float() if x_g is None else G.detach().float() @ x_g.detach().float()
             images.gx = ((1 - glob.sigma) * Gx).contiguous()  # (1 − σ) ⊙ (G x_g), spec §3
-        if st == torch.float32 if split16 is None else split16:
+        split = st == torch.float32 if split16 is None else split16
+        if split:
             images = _split_side(images)
             buckets = [_split_side(b) for b in buckets]
+        if glob is not None:  # once per plan, not per launch
+            from .pair_global import z_operands
+
+            glob.operands = z_operands(glob.Zw, glob.Zv, torch.float32 if split else st)
     return TilePlan(images, buckets, full, glob, M)
 
 
@@ -1212,16 +1218,18 @@ def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: 
     fused per pair (kernels/pair_global.py)."""
     from .pair_global import add_pair_global  # it imports this module's dots
 
-    args, scales = _global_arguments(out, plan, bucket, kap, lam, lo, hi, u2, eps)
-    add_pair_global(*args, **scales)
+    args, kw = _global_arguments(out, plan, bucket, kap, lam, lo, hi, u2, eps)
+    add_pair_global(*args, **kw)
 
 
 def _global_arguments(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float):
-    """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts. A
-    plan split into fp16 pairs has κ = ā Kw and λ = b̄ Kv carry their side's feature scale."""
+    """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts, and
+    its keywords: the plan's Zw, Zv operands, and where the plan is split into fp16 pairs the
+    feature scales κ = ā Kw and λ = b̄ Kv carry."""
     g = plan.glob
     scales = dict(kap_scale=bucket.split.sigma, lam_scale=plan.images.split.sigma) if plan.split16 else {}
-    return (out[lo:hi], bucket.col, kap, lam, g.Zw, g.Zv, g.sigma, plan.images.gx[lo:hi], 1.0 - u2, eps), scales
+    return (out[lo:hi], bucket.col, kap, lam, g.Zw, g.Zv, g.sigma, plan.images.gx[lo:hi], 1.0 - u2, eps), \
+        dict(scales, z=g.operands)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1408,8 +1416,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 if plan.glob is not None:  # and the pairwise global score's kernel after it
                     from .pair_global import global_launch
 
-                    gargs, scales = _global_arguments(out, plan, b, kap, lam, lo, hi, u2, eps)
-                    launch = global_launch(*gargs, **scales)
+                    gargs, gkw = _global_arguments(out, plan, b, kap, lam, lo, hi, u2, eps)
+                    launch = global_launch(*gargs, **gkw)
                     if launch is not None:
                         ahead.global_requests.append(launch)
                 break  # every chunk compiles to the first one's kernel (_aligned_chunk_step)

@@ -7,6 +7,7 @@ On CPU it runs in the Triton interpreter (tests/conftest.py), hence the small bl
 import pytest
 import torch
 
+from acf_fast.kernels import pair_global
 from acf_fast.kernels.pair_global import add_pair_global
 from acf_fast.kernels.tiles import F16X3_MAX
 
@@ -104,7 +105,7 @@ def test_strided_scores_and_the_cosines_clamp(device):
     assert torch.equal(got[:, :3], big[:, :3]) and torch.equal(got[:, 3 + Mb:], big[:, 3 + Mb:])
 
 
-@pytest.mark.parametrize("bad", ["kap rows", "Zw shape", "gx rows", "sigma length"])
+@pytest.mark.parametrize("bad", ["kap rows", "Zw shape", "gx rows", "sigma length", "z dtype"])
 def test_bad_shapes_are_refused_before_anything_is_written(bad, device):
     n, Mb, HD, D = 2, 3, 16, 16
     x = {k: v.clone().to(device) for k, v in _inputs(n, Mb, HD, D, seed=9, device=device).items()}
@@ -114,11 +115,12 @@ def test_bad_shapes_are_refused_before_anything_is_written(bad, device):
         x["Zw"] = x["Zw"][:, :-1]
     elif bad == "gx rows":
         x["gx"] = x["gx"][:-1]
-    else:
+    elif bad == "sigma length":
         x["sigma"] = x["sigma"][:-1]
+    z = pair_global.z_operands(x["Zw"], x["Zv"], torch.float16) if bad == "z dtype" else None  # κ is fp32
     S0 = x["S"].clone()
     with pytest.raises(ValueError, match="add_pair_global"):
-        add_pair_global(x["S"], x["col"], x["kap"], x["lam"], x["Zw"], x["Zv"], x["sigma"], x["gx"], 0.2, 1e-8)
+        add_pair_global(x["S"], x["col"], x["kap"], x["lam"], x["Zw"], x["Zv"], x["sigma"], x["gx"], 0.2, 1e-8, z=z)
     assert torch.equal(x["S"], S0)
 
 
@@ -131,7 +133,6 @@ def test_launch_passes_the_argument_types_the_kernel_report_compiles(dtype, name
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    from acf_fast.kernels import pair_global
     from bench import kernel_report
     from bench.offline_compile import _ast_arguments
 

@@ -673,3 +673,22 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     _launch(case, got, plan=far, rows=16, cols=16)
     assert_scores_close(want, reference(case), st, "contiguous heads")
     assert torch.equal(got, want)
+
+
+def test_the_global_score_takes_the_plans_z_operands(device, monkeypatch):
+    """plan_tiles prepares Zw, Zv for the global score's kernel once (the fp32 split reads their
+    largest magnitudes back to the host): launches over several chunks of images and both
+    buckets take the plan's, and make none."""
+    from acf_fast.kernels import pair_global
+
+    case = _two_buckets(make_case(9, 12, 5, 24, D=32, H=2, variant="paper", seed=13, device=device))
+    plan, _ = _plan(case, torch.float32)
+    assert plan.glob.operands["dtype"] == torch.float32 and plan.glob.operands["zw"].dtype == torch.float16
+
+    def refuse(*a, **k):
+        raise AssertionError("Zw, Zv split again at a launch")
+
+    monkeypatch.setattr(pair_global, "z_operands", refuse)
+    out = torch.full((9, 12), float("nan"), device=device)
+    _launch(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
+    assert_scores_close(out, reference(case), torch.float32, "global score with the plan's operands")
