@@ -1011,7 +1011,7 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
             parts.append(tile_images(side, st))
         cat = _cat_sides(parts, ("mask", "norm", "gam", "gx"))
         images = parts[0] if len(parts) == 1 else TileImages(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"],
-                                                             cat["gam"], cat["gx"], K)
+                                                             cat["gam"], cat["gx"], parts[0].K)
         text_parts = []
         for s in range(0, M, chunk):
             side = precompute_items(W[s:s + chunk], None if w_mask is None else w_mask[s:s + chunk], weights, heads,

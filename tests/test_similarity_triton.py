@@ -253,21 +253,45 @@ def test_every_element_written_and_nothing_else(variant, device, monkeypatch):
     assert_scores_close(out, reference(case), torch.float32, "poisoned launch")
 
 
+def _plan_in_chunks(case, chunk: int):
+    """An fp32 plan of ``case`` prepared ``chunk`` items at a time; not split into fp16 pairs, so
+    that plans can be compared element by element (a last-bit difference of two BLAS calls
+    may round an fp16 hi plane the other way)."""
+    v_mask, w_mask, weights, _ = _checked(case)
+    return tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
+                            G=case.get("G"), st=torch.float32, chunk=chunk, split16=False)
+
+
+def _global_rows(img) -> torch.Tensor:
+    """The images' Pv rows of the global score as the kernel reads them (hi + lo/2048 planes, unscaled)."""
+    pv, planes = img.pglob["pv"].double(), img.pglob["pv"].shape[1]
+    x = pv[:, 0] + (pv[:, 1] / 2048 if planes == 2 else 0)
+    return x * img.pglob["unscale"].double()[:, None, None]
+
+
+@pytest.mark.parametrize("K", [4, 5])  # 5 regions: 8 rows per image in the tile layout (tiles.image_rows)
 @pytest.mark.parametrize("variant", ["paper", "acf-code"])
-def test_chunked_prepare_equals_one_shot(variant, device, monkeypatch):
-    case = make_case(5, 7, 4, 9, variant=variant, seed=9, device=device)
-    one, _ = _plan(case)
-    monkeypatch.setattr(tiles, "PREP_CHUNK", 2)
-    two, _ = _plan(case)
+def test_chunked_prepare_equals_one_shot(variant, K, device):
+    """plan_tiles prepares the items ``chunk`` at a time (COCO's 5,000 images: 5 chunks): the
+    chunks put together must be the one-shot plan, its rows per image in the tile layout and
+    the global score's rows (paper) included, and score the same."""
+    case = make_case(5, 7, K, 9, variant=variant, seed=9, device=device)
+    one, two = _plan_in_chunks(case, tiles.PREP_CHUNK), _plan_in_chunks(case, 2)
+    assert one.images.n == two.images.n == 5 and one.images.K == two.images.K == (8 if K == 5 else K)
     assert [b.LB for b in one.buckets] == [b.LB for b in two.buckets]
     pairs = [(one.images, two.images)] + list(zip(one.buckets, two.buckets))
     for a, b in pairs:
-        for name in ("Q", "Kk", "O", "mask", "norm", "gam"):
+        for name in ("Q", "Kk", "O", "mask", "norm", "gam") + (("gx",) if a is one.images else ()):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None), name
             if x is not None:  # BLAS may round differently for a different batch size
                 assert x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6), name
         assert (a.Kk is a.Q) == (b.Kk is b.Q) and (a.O is a.Q) == (b.O is b.Q)
+    got = [torch.full((5, 7), float("nan"), device=device) for _ in range(2)]
+    for plan, out in zip((one, two), got):
+        _launch(case, out, plan=plan)
+    assert_scores_close(got[1], reference(case), torch.float32, f"{variant} K={K}, planned 2 images at a time")
+    assert (got[0] - got[1]).abs().max().item() <= 1e-5
 
 
 def test_token_order_within_a_text_changes_nothing(device):
