@@ -987,7 +987,7 @@ def _global_weights(weights, D: int, H: int, dh: int, device) -> GlobalWeights:
     return GlobalWeights(pad_rows(prod(z_o, x_w)), pad_rows(prod(z_o, x_v)), sigma.contiguous())
 
 
-def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: int = PREP_CHUNK,
+def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: Optional[int] = None,
                split16: Optional[bool] = None) -> TilePlan:
     """Per-item precompute (acf_fast.precompute, spec §8) of both sides, in the tile layout.
 
@@ -995,12 +995,14 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
     (pairwise global score on when given); ``st`` the storage dtype of the tiles.
     ``split16`` (default: when ``st`` is float32): hold the fp32 tiles as fp16 pairs for the
     ``f16x3`` dots (:func:`split16_planes`); :func:`launch_tiles` then runs f16x3 whatever
-    ``dot_prec`` it is given."""
+    ``dot_prec`` it is given. ``chunk``: items per precompute call (default PREP_CHUNK, read
+    at the call)."""
     from acf_fast.precompute import precompute_items
 
     N, K, D = V.shape
     M, L, _ = W.shape
     check_tile_limits(K, L)
+    chunk = chunk or PREP_CHUNK
     pairwise = G is not None
     weights = weights or {}
     with torch.no_grad():
