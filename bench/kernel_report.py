@@ -13,7 +13,7 @@ cores in v1), and one record per configuration says what the GPU would run:
 - ``spill_instructions_per_pair``: the spill loads and stores a program issues (loop bodies ×
   trip counts, like the instructions below) per pair: a few once per tile cost little, a few
   in a loop over the heads cost eight times per tile and per warp;
-- ``wgmma``: every main dot is a warp-group MMA (the κ/λ dots of the pairwise global
+- ``wgmma``: every main dot is a warp-group MMA (the κ dot of the pairwise global
   score and their row sums, one row or column per pair, the batched p·Γw per text
   (tiles.batched_gw), and v1's per-pair dots are not main dots of a tile);
 - ``warp_instructions_per_pair``: SASS instructions one warp issues per program
@@ -100,10 +100,10 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
     for variant in variants:
         full = variant == "paper"
         for dname in dtypes:
-            # fp32 tiles are held as fp16 pairs (f16x3 dots, tiles.plan_tiles); κ / λ come back in fp32
+            # fp32 tiles are held as fp16 pairs (f16x3 dots, tiles.plan_tiles); κ / b̄ come back in fp32
             st = "*bf16" if dname == "bf16" else "*fp16"
             prec = "tf32" if dname == "bf16" else "f16x3"
-            # κ / λ and the scratch exist for full Γ only: elsewhere launch_tiles passes the fp32 norms
+            # κ / b̄ and the scratch exist for full Γ only: elsewhere launch_tiles passes the fp32 norms
             kl = "*fp32" if dname == "fp32" or not full else st
             scratch = st if full else "*fp32"
             for LB in buckets:
@@ -115,7 +115,7 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                 sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", vq_ptr=st, vk_ptr=st, vo_ptr=st,
                            stride_vh="i32:16", vmask_ptr="*i8", vnorm_ptr="*fp32", vgam_ptr=st,
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, stride_wh="i32:16", wmask_ptr="*i8", wnorm_ptr="*fp32",
-                           wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=scratch, kap_ptr=kl, lam_ptr=kl,
+                           wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=scratch, kap_ptr=kl, bbar_ptr=kl,
                            lo_v="i32:16", lo_w="i32:16", lo_gv="i32:16", lo_gw="i32:16",
                            N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")
@@ -150,10 +150,10 @@ def v2_expected_macs(m: dict) -> int:
         total += (m["GT"] * BR * form(Hh * m["LB"], m["QCW"]) + m["GI"] * BC * form(m["HKP"], m["QCV"])) * k
     if m["PAIRWISE"]:
         PP = m["PP"]
-        kappa_lambda = PP * BC * DHp + PP * BR * DHp
+        kappa = PP * BC * DHp  # b̄ leaves as it is (pair_global.py multiplies it by Pv)
         # A's rows summed per image, B's per text: dots except under f16x3 (masked sums)
         row_sums = 0 if k == 3 else PP * BR * BC + PP * BC * BR
-        total += Hh * (k * kappa_lambda + row_sums)
+        total += Hh * (k * kappa + row_sums)
     return total
 
 
@@ -217,40 +217,38 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
 
 def global_requests(dtypes):
     """One build request per dtype path of kernels/pair_global.py (paper's pairwise global
-    score after the tiles) at the COCO shape: κ, λ of H·DH = 1024 columns, D = 1024."""
+    score after the tiles) at the COCO shape: κ of H·DH = 1024 columns, b̄ of H·K = 320 (the
+    tiles' 40 rows per image), D = 1024."""
     import torch
 
     from acf_fast.kernels import pair_global
 
     out = []
+    HK = H * _tiles().image_rows(K, full_heads=H)
     for dname in dtypes:
         meta = pair_global.pair_global_meta(torch.bfloat16 if dname == "bf16" else torch.float32, interpret=False)
         f16x3 = meta["DOT_PREC"] == "f16x3"
         st = "*bf16" if dname == "bf16" else "*fp32"
-        zt = "*fp16" if f16x3 else st  # fp32: Zw, Zv as fp16 pairs
-        sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", col_ptr="*i32", kap_ptr=st, lam_ptr=st,
-                   zw_ptr=zt, zv_ptr=zt, lo_z="i32:16", sigma_ptr="*fp32", gx_ptr="*fp32", stride_gx="i32:16",
-                   P="i32", Mb="i32", HD="i32:16", D="i32:16", unscale_w="fp32", unscale_v="fp32", coef="fp32",
-                   eps="fp32")
+        zt = "*fp16" if f16x3 else st  # fp32: Zw, Pv as fp16 pairs
+        sig = dict(S_ptr="*fp32", stride_sn="i32", stride_sm="i32", col_ptr="*i32", kap_ptr=st, bbar_ptr=st,
+                   zw_ptr=zt, lo_zw="i32:16", pv_ptr=zt, stride_pv="i32:16", lo_pv="i32:16",
+                   pv_unscale_ptr="*fp32", gx_ptr="*fp32", stride_gx="i32:16", Mb="i32", HD="i32:16", HK="i32:16",
+                   D="i32:16", unscale_w="fp32", coef="fp32", eps="fp32")
         ce = {k: meta[k] for k in ("BM", "BN", "BK", "DOT_PREC")}
         out.append(dict(request=dict(fn=pair_global._pair_global_kernel, signature=sig, constexprs=ce,
                                      num_warps=meta["num_warps"], num_stages=meta["num_stages"]),
-                        kernel="v2", variant="paper", dtype=dname, LB=None, meta=dict(ce, HD=H * DH, D=D)))
+                        kernel="v2", variant="paper", dtype=dname, LB=None, meta=dict(ce, HD=H * DH, HK=HK, D=D)))
     return out
 
 
 def global_trips(build, m: dict):
-    """Its loops: over D in chunks of BN (once per program); within it the K-loop over H·DH in
-    steps of BK (the one with tensor-core work) and the loop over the images of the block's
-    pairs, once plus once per image boundary the block's BM consecutive pairs cross: at most
-    one with a bucket of COCO's (thousands of texts), on average (BM - 1) / Mb, here for the
-    smaller of gpu_check's two buckets."""
+    """Its loops: over D in chunks of BN (once per program); within it the K-loop of W_g over
+    H·DH and then that of V_g over H·K, in steps of BK (in the source's order; their bodies
+    are the same product, so the MAC check cannot tell them apart, nor need to)."""
     depths = [lp.depth for lp in build.loops]
     if depths != [0, 1, 1]:
         raise RuntimeError(f"pair-global build: loops at depths {depths}, expected [0, 1, 1]")
-    instrs = build.instructions()
-    images = 1 + (m["BM"] - 1) / min(n for n, _ in coco_buckets().values())
-    return [m["D"] // m["BN"]] + [m["HD"] // m["BK"] if _mma_in(instrs, lp) else images for lp in build.loops[1:]]
+    return [m["D"] // m["BN"], m["HD"] // m["BK"], m["HK"] // m["BK"]]
 
 
 def global_records(dtypes, log):
@@ -263,7 +261,7 @@ def global_records(dtypes, log):
     for r, b in zip(reqs, builds):
         m = r["meta"]
         trips = global_trips(b, m)
-        expected = 2 * m["BM"] * m["HD"] * m["D"] * (3 if m["DOT_PREC"] == "f16x3" else 1)  # κ Zw and λ Zv
+        expected = m["BM"] * (m["HD"] + m["HK"]) * m["D"] * (3 if m["DOT_PREC"] == "f16x3" else 1)  # κ Zw, b̄ Pv
         pairs = m["BM"]
         rec = _per_pair_record(b, trips, expected, pairs, exact=True, what=f"pair-global {r['dtype']}",
                                variant="paper", dtype=r["dtype"], bucket="all", version="v2", pairs_per_program=pairs)
@@ -408,10 +406,10 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
                                what=f"{build.name} {variant} {req['dtype']} LB={req['LB']}", **extra)
     rec["spill_bytes"] = build.spill_store_bytes
     m = req["meta"]
-    # κ/λ (PP-row dots, 3 each under f16x3) and their row sums (dots except under f16x3) are not main dots,
+    # κ (a PP-row dot, 3 under f16x3) and the row sums (dots except under f16x3) are not main dots,
     # nor is the batched p·Γw (tiles.batched_gw: per text (BR, LB) x (LB, LB), 1/8 of a tile's dot, mma.sync)
     f16x3 = m.get("DOT_PREC") == "f16x3"
-    aux = (6 if f16x3 else 4) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    aux = 3 if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
     if req["kernel"] == "v2" and m.get("BATCHED_GW"):
         aux += 3 if f16x3 else 1
     main_dots = build.dots_total - aux

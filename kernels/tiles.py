@@ -385,6 +385,21 @@ def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.cons
     tl.store(ptr + prow[:, None] * (H * DH) + h * DH + d[None, :], vals.to(ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _store_pair_means(ptr, vals, i0, t0, h, N, Mb, r, img_r, PP: tl.constexpr, GIP: tl.constexpr, GI: tl.constexpr,
+                      GT: tl.constexpr, H: tl.constexpr, K: tl.constexpr):
+    """vals (PP, BR), row pr = pair (image slot g = pr // GT, text slot pr % GT) holding its
+    values on image g's K region rows (r, image slot img_r), into head h's K columns of the
+    (pairs, H*K) buffer at ``ptr`` (row = image * Mb + bucket text)."""
+    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
+    prow = (i0 + pg) * Mb + t0 + pj
+    ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
+    at = (img_r[None, :] == pg[:, None]) & (r < GI * K)[None, :]
+    k_r = r - img_r * K
+    tl.store(ptr + prow[:, None] * (H * K) + h * K + k_r[None, :], vals.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & at)
+
+
 # Sizes are not specialised (no recompile between a slice and the full grid, nor between
 # buckets of different sizes); strides of the head-major layouts and the lo-plane offsets
 # (always multiples of 16: lo_plane_offset) stay specialised so that the compiler can prove
@@ -403,8 +418,9 @@ def _tile_kernel(
     # the Γw_h blocks
     wq_ptr, wk_ptr, wo_ptr, stride_wh, wmask_ptr, wnorm_ptr, wcol_ptr, wgam_ptr,
     # FULL: per-program scratch (programs, H, 2, BR*BC) storage dtype;
-    # PAIRWISE: kap / lam (n*Mb, H*DH) storage dtype, row = image*Mb + bucket text
-    scratch_ptr, kap_ptr, lam_ptr,
+    # PAIRWISE: kap (n*Mb, H*DH) κ and bbar (n*Mb, H*K) b̄, storage dtype (fp32 under f16x3),
+    # row = image*Mb + bucket text
+    scratch_ptr, kap_ptr, bbar_ptr,
     # DOT_PREC "f16x3": element offsets from each fp16 hi plane to its lo plane (features of the
     # images, of the texts, their Γ); unused otherwise. FULL's scratch: its lo plane follows
     # the hi planes of all programs
@@ -602,12 +618,12 @@ def _tile_kernel(
                         z = _dot3(q2, q2_lo, gv, gv_lo, None, DOT_PREC)
                         nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
-                        # λ_h[(g, j)] = Σ_k b̄_h[g, j, k] Kv_h[g, k]: b̄ = mean over text j's valid tokens
+                        # b̄_h[(g, j)]: B_h's mean over text j's valid tokens, on image g's regions. The
+                        # global score's kernel multiplies it by image g's Pv (pair_global.py), where
+                        # λ_h = b̄_h Kv_h (a dot here) then took an (H·DH) x D product per pair
                         bblk = _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, vk.dtype, PP, GIP, GT, LB,
                                                     DOT_PREC)
-                        bb_hi, bb_lo = _operand(bblk, vk.dtype, F16X3)
-                        lam = _dot3(bb_hi, bb_lo, vk, vk_lo, None, DOT_PREC)  # (PP, DH)
-                        _store_pair_rows(lam_ptr, lam, i0, t0, h, N, Mb, PP, GIP, GI, GT, H, DH)
+                        _store_pair_means(bbar_ptr, bblk, i0, t0, h, N, Mb, r, img_r, PP, GIP, GI, GT, H, K)
             if ps == 0 and SPLIT and not FULL:
                 # regions -> words is complete: reduce it to its (GIP, GT) means now, so that its
                 # (BR, GT) accumulators (replicated across each quad of threads) are not live
@@ -663,7 +679,7 @@ def _tile_kernel(
             s = u2 * (u1 * i2t + (1.0 - u1) * tl.trans(t2i))  # (GIP, GT)
             if EMBED:
                 s += tl.load(s_at, mask=s_in, other=0.0)
-        # PAIRWISE: the host adds (1 - u2) * S_global from κ and λ afterwards
+        # PAIRWISE: (1 - u2) * S_global is added from κ and b̄ afterwards (pair_global.py)
         tl.store(s_at, s, mask=s_in)
 
 
@@ -686,7 +702,7 @@ TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
 MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows with GI
 BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
 QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
-# Rows of the pairwise κ/λ dots, columns of the pair-mean dots: the GIP·GT pairs of a tile,
+# Rows of the pairwise κ dot, columns of the pair-mean dots: the GIP·GT pairs of a tile,
 # at least 16 (a dot's least side). 64, one warp group's wgmma, made the paper bf16 tile multiply
 # 2x (bucket 16) and 4x (bucket 32) the pairs it has; at 32 / 16 the offline sm_90 build has 5 %
 # (bucket 16) and 7 % (32) fewer tensor-core multiply-adds per pair, triton 3.6 -2 % / -1 %
@@ -697,8 +713,8 @@ PAIR_ROWS = _MIN_DOT
 # Items per precompute call: bounds the float32 temporaries of acf_fast.precompute
 # (full Γ is (n, H*T, H*T) fp32: 2 MiB per text at L = 32) while the tile layout fills.
 PREP_CHUNK = 1024
-# Pairs per launch when the pairwise global score is on: κ and λ are (pairs, D) each
-# (4 KiB per pair in bf16, 8 in fp32), read by kernels/pair_global.py after the tiles.
+# Pairs per launch when the pairwise global score is on: κ and b̄ are (pairs, H·DH) and (pairs, H·K)
+# (2.6 KiB per pair in bf16 at COCO's shape, 5.3 in fp32), read by kernels/pair_global.py after the tiles.
 GLOBAL_PAIRS = 2**20
 
 
@@ -761,7 +777,9 @@ class TileImages:
     Q/Kk/O: (H, n*K, DH) storage dtype, head-major (Kk/O may be the same tensor as Q);
     mask (n*K,) int8; norm (n*K,) fp32; gam storage dtype: the full Γv (n, HKP, HKP) with
     row h*K + k, zero-padded to HKP, or for block-diagonal Γ the blocks (n, H, K, K); gx
-    (n, D) fp32 or None. K here is the layout's rows per image (:func:`image_rows`)."""
+    (n, D) fp32 or None; pglob: with the pairwise global score, the images' Pv rows (row
+    h*K + k) as ``pair_global.image_operands``, else None. K here is the layout's rows per
+    image (:func:`image_rows`)."""
 
     Q: torch.Tensor
     Kk: torch.Tensor
@@ -772,6 +790,7 @@ class TileImages:
     gx: Optional[torch.Tensor]
     K: int
     split: Optional["Split16"] = None  # fp32 tiles held as fp16 pairs (f16x3): their scales and lo planes
+    pglob: Optional[dict] = None
 
     @property
     def n(self) -> int:
@@ -803,14 +822,12 @@ class TextBucket:
 
 @dataclass
 class GlobalWeights:
-    """Pairwise global score (spec §3) as W_g = κ Zw, V_g = σ ⊙ (λ Zv) + gx, with
-    κ = concat_h(ā_h Kw_h) and λ = concat_h(b̄_h Kv_h) from the kernel. Zw = z_o x_w and
-    Zv = z_o x_v (H*DH, D) fp32 with zero rows at padded head columns; sigma (D,) fp32."""
+    """Pairwise global score (spec §3) as W_g = κ Zw, V_g = b̄ Pv + gx, with κ = concat_h(ā_h Kw_h)
+    and b̄ = concat_h(b̄_h) from the kernel, Pv each image's rows of the precompute's Pglob
+    (TileImages.pglob). Zw = z_o x_w (H*DH, D) fp32 with zero rows at padded head columns."""
 
     Zw: torch.Tensor
-    Zv: torch.Tensor
-    sigma: torch.Tensor
-    operands: Optional[dict] = None  # Zw, Zv as pair_global's kernel takes them (plan_tiles: pair_global.z_operands)
+    operands: Optional[dict] = None  # Zw as pair_global's kernel takes it (plan_tiles: pair_global.weight_operands)
 
 
 @dataclass
@@ -871,9 +888,10 @@ def _cat_sides(parts, dim_items):
     return out
 
 
-def tile_images(side, st: torch.dtype) -> TileImages:
+def tile_images(side, st: torch.dtype, global_dtype: Optional[torch.dtype] = None) -> TileImages:
     """acf_fast.precompute.ItemSide of n images -> :class:`TileImages` (each image's rows
-    padded with masked zero rows to :func:`image_rows`)."""
+    padded with masked zero rows to :func:`image_rows`); its Pglob, where it has one, as the
+    global score's kernel takes it for κ of ``global_dtype``."""
     n, H, K, d = side.Q.shape
     KR = image_rows(K, full_heads=None if side.block_diagonal else H)
     pad = torch.nn.functional.pad
@@ -892,8 +910,13 @@ def tile_images(side, st: torch.dtype) -> TileImages:
         gam = pad(g, (0, hkp - HK, 0, hkp - HK)).contiguous()
     mask = pad(side.mask.to(torch.int8), (0, KR - K))
     norm = pad(side.norm.to(torch.float32), (0, KR - K))
+    pglob = None
+    if side.Pglob is not None:
+        from .pair_global import image_operands
+
+        pglob = image_operands(rows(side.Pglob.view(n, H, K, -1)).reshape(n, H * KR, -1), global_dtype or st)
     return TileImages(Q, Kk, O, mask.reshape(-1).contiguous(), norm.reshape(-1).contiguous(), gam,
-                      None if side.gx is None else side.gx.to(torch.float32).contiguous(), KR)
+                      None if side.gx is None else side.gx.to(torch.float32).contiguous(), KR, pglob=pglob)
 
 
 def tile_texts(side, st: torch.dtype, first: int = 0) -> List[TextBucket]:
@@ -968,23 +991,20 @@ def _merge_buckets(chunks: List[List[TextBucket]]) -> List[TextBucket]:
     return out
 
 
-def _global_weights(weights, D: int, H: int, dh: int, device) -> GlobalWeights:
-    """Zw = z_o x_w, Zv = z_o x_v (missing = identity) in fp32, rows padded per head to dh."""
+def _global_weights(weights, D: int, H: int, dh: int, device, dtype: torch.dtype) -> GlobalWeights:
+    """Zw = z_o x_w (missing = identity) in fp32, rows padded per head to dh, and its operands
+    for κ of ``dtype``."""
+    from .pair_global import weight_operands
+
     f = lambda k: None if weights.get(k) is None else weights[k].detach().to(device, torch.float32)  # noqa: E731
-    z_o, x_w, x_v, gate = f("z_o"), f("x_w"), f("x_v"), f("gate")
-    eye = torch.eye(D, device=device)
-
-    def prod(a, b):
-        return (eye if a is None else a) @ (eye if b is None else b)
-
-    def pad_rows(Z):
-        d = D // H
-        if dh == d:
-            return Z.contiguous()
-        return torch.nn.functional.pad(Z.view(H, d, D), (0, 0, 0, dh - d)).reshape(H * dh, D).contiguous()
-
-    sigma = torch.full((D,), 0.5, device=device) if gate is None else torch.sigmoid(gate)
-    return GlobalWeights(pad_rows(prod(z_o, x_w)), pad_rows(prod(z_o, x_v)), sigma.contiguous())
+    z_o, x_w = f("z_o"), f("x_w")
+    Zw = torch.eye(D, device=device) if z_o is None else z_o
+    Zw = Zw if x_w is None else Zw @ x_w
+    d = D // H
+    if dh != d:
+        Zw = torch.nn.functional.pad(Zw.view(H, d, D), (0, 0, 0, dh - d)).reshape(H * dh, D)
+    Zw = Zw.contiguous()
+    return GlobalWeights(Zw, weight_operands(Zw, dtype))
 
 
 def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: Optional[int] = None,
@@ -996,7 +1016,11 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
     ``split16`` (default: when ``st`` is float32): hold the fp32 tiles as fp16 pairs for the
     ``f16x3`` dots (:func:`split16_planes`); :func:`launch_tiles` then runs f16x3 whatever
     ``dot_prec`` it is given. ``chunk``: items per precompute call (default PREP_CHUNK, read
-    at the call)."""
+    at the call).
+
+    With the pairwise global score the plan also holds each image's Pv rows (H·K × D, the
+    precompute's Pglob) for kernels/pair_global.py: 655 KB per image in bf16 at COCO's shape
+    (3.3 GB for 5,000 images; fp32, split into fp16 pairs, twice that)."""
     from acf_fast.precompute import precompute_items
 
     N, K, D = V.shape
@@ -1005,15 +1029,23 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
     chunk = chunk or PREP_CHUNK
     pairwise = G is not None
     weights = weights or {}
+    split = st == torch.float32 if split16 is None else split16
+    global_dtype = torch.float32 if split else st  # κ's, b̄'s (launch_tiles)
     with torch.no_grad():
         parts = []
         for s in range(0, N, chunk):
+            # images' Pglob only: texts' would be one (H·L, D) per text, and the global score's kernel
+            # holds one image against many texts, so their W_g come from κ (pair_global.py)
             side = precompute_items(V[s:s + chunk], None if v_mask is None else v_mask[s:s + chunk], weights, heads,
-                                    role="image", pairwise_global=False)  # the tiles use κ/λ, never Pglob
-            parts.append(tile_images(side, st))
+                                    role="image", G=G[s:s + chunk] if pairwise else None, pairwise_global=pairwise)
+            parts.append(tile_images(side, st, global_dtype))
         cat = _cat_sides(parts, ("mask", "norm", "gam", "gx"))
         images = parts[0] if len(parts) == 1 else TileImages(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"],
                                                              cat["gam"], cat["gx"], parts[0].K)
+        if pairwise and len(parts) > 1:
+            from .pair_global import cat_image_operands
+
+            images.pglob = cat_image_operands([p.pglob for p in parts])
         text_parts = []
         for s in range(0, M, chunk):
             side = precompute_items(W[s:s + chunk], None if w_mask is None else w_mask[s:s + chunk], weights, heads,
@@ -1021,20 +1053,11 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
             text_parts.append(tile_texts(side, st, first=s))
         buckets = _merge_buckets(text_parts)
         full = not side.block_diagonal
-        glob = None
-        if pairwise:
-            glob = _global_weights(weights, D, heads, images.Q.shape[2], V.device)
-            x_g = weights.get("x_g")
-            Gx = G.detach().float() if x_g is None else G.detach().float() @ x_g.detach().float()
-            images.gx = ((1 - glob.sigma) * Gx).contiguous()  # (1 − σ) ⊙ (G x_g), spec §3
-        split = st == torch.float32 if split16 is None else split16
+        # once per plan, not per launch
+        glob = _global_weights(weights, D, heads, images.Q.shape[2], V.device, global_dtype) if pairwise else None
         if split:
             images = _split_side(images)
             buckets = [_split_side(b) for b in buckets]
-        if glob is not None:  # once per plan, not per launch
-            from .pair_global import z_operands
-
-            glob.operands = z_operands(glob.Zw, glob.Zv, torch.float32 if split else st)
     return TilePlan(images, buckets, full, glob, M)
 
 
@@ -1215,23 +1238,25 @@ def _embed_global(out: torch.Tensor, gi: torch.Tensor, gt: torch.Tensor, u2: flo
         out[lo:lo + rows] = _mm_fp32(gi[lo:lo + rows], gt.t()).mul_(1.0 - u2)
 
 
-def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float) -> None:
+def _add_global(out, plan: TilePlan, bucket: TextBucket, kap, bbar, lo: int, hi: int, u2: float, eps: float) -> None:
     """out[i, col] += (1 - u2) * cos(V_g, W_g) for images [lo, hi) and the bucket's texts,
     fused per pair (kernels/pair_global.py)."""
     from .pair_global import add_pair_global  # it imports this module's dots
 
-    args, kw = _global_arguments(out, plan, bucket, kap, lam, lo, hi, u2, eps)
+    args, kw = _global_arguments(out, plan, bucket, kap, bbar, lo, hi, u2, eps)
     add_pair_global(*args, **kw)
 
 
-def _global_arguments(out, plan: TilePlan, bucket: TextBucket, kap, lam, lo: int, hi: int, u2: float, eps: float):
-    """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts, and
-    its keywords: the plan's Zw, Zv operands, and where the plan is split into fp16 pairs the
-    feature scales κ = ā Kw and λ = b̄ Kv carry."""
-    g = plan.glob
-    scales = dict(kap_scale=bucket.split.sigma, lam_scale=plan.images.split.sigma) if plan.split16 else {}
-    return (out[lo:hi], bucket.col, kap, lam, g.Zw, g.Zv, g.sigma, plan.images.gx[lo:hi], 1.0 - u2, eps), \
-        dict(scales, z=g.operands)
+def _global_arguments(out, plan: TilePlan, bucket: TextBucket, kap, bbar, lo: int, hi: int, u2: float, eps: float):
+    """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts (the
+    plan's Zw and Pv operands), and its keywords: where the plan is split into fp16 pairs, the
+    feature scale κ = ā Kw carries."""
+    from .pair_global import image_rows as pv_rows
+
+    img = plan.images
+    kw = dict(kap_scale=bucket.split.sigma) if plan.split16 else {}
+    return (out[lo:hi], bucket.col, kap, bbar, plan.glob.operands, pv_rows(img.pglob, lo, hi), img.gx[lo:hi],
+            1.0 - u2, eps), kw
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1398,17 +1423,17 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             scratch = (torch.empty(n_planes * programs * H * 2 * meta["BR"] * meta["BC"], dtype=img.Q.dtype, device=dev)
                        if plan.full else img.norm)
             if plan.glob is not None:
-                kap = torch.empty((hi - lo) * b.Mb, H * DH, device=dev,
-                                  dtype=torch.float32 if plan.split16 else img.Q.dtype)
-                lam = torch.empty_like(kap)
+                gdt = torch.float32 if plan.split16 else img.Q.dtype
+                kap = torch.empty((hi - lo) * b.Mb, H * DH, device=dev, dtype=gdt)
+                bbar = torch.empty((hi - lo) * b.Mb, H * img.K, device=dev, dtype=gdt)
             else:
-                kap = lam = img.norm
+                kap = bbar = img.norm
             rs = slice(lo * img.K, hi * img.K)
             args = (out[lo:hi], out.stride(0), out.stride(1),
                     img.Q[:, rs], img.Kk[:, rs], img.O[:, rs], img.Q.stride(0), img.mask[rs], vnorm[rs],
                     img.gam[lo:hi],
                     b.Q, b.Kk, b.O, b.Q.stride(0), b.mask, wnorm, b.col, b.gam,
-                    scratch, kap, lam, *lo_offsets,
+                    scratch, kap, bbar, *lo_offsets,
                     hi - lo, b.Mb, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)
             if ahead is not None:  # what the autotuner would try, with the kwargs it passes
@@ -1418,7 +1443,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                 if plan.glob is not None:  # and the pairwise global score's kernel after it
                     from .pair_global import global_launch
 
-                    gargs, gkw = _global_arguments(out, plan, b, kap, lam, lo, hi, u2, eps)
+                    gargs, gkw = _global_arguments(out, plan, b, kap, bbar, lo, hi, u2, eps)
                     launch = global_launch(*gargs, **gkw)
                     if launch is not None:
                         ahead.global_requests.append(launch)
@@ -1431,7 +1456,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             if marks is not None:
                 marks.append(_mark(dev))
             if plan.glob is not None:
-                _add_global(out, plan, b, kap, lam, lo, hi, u2, eps)
+                _add_global(out, plan, b, kap, bbar, lo, hi, u2, eps)
             if marks is not None:
                 marks.append(_mark(dev))
                 pending.append((dict(LB=b.LB, texts=b.Mb, images=hi - lo, pairs=(hi - lo) * b.Mb), marks))

@@ -79,12 +79,13 @@ def global_score():
     g = torch.Generator().manual_seed(3)
     ahead = tiles.CompileAhead()
     for dt in (torch.bfloat16, torch.float32):
-        n, Mb, HD, D = 3, 5, 64, 48
+        n, Mb, HD, HK, D = 3, 5, 64, 32, 48
         S, col = torch.empty(n, Mb), torch.arange(Mb, dtype=torch.int32)
-        kap, lam = (torch.randn(n * Mb, HD, generator=g).to(dt) for _ in range(2))
+        kap, bbar = torch.randn(n * Mb, HD, generator=g).to(dt), torch.rand(n * Mb, HK, generator=g).to(dt)
         ahead.global_requests.append(pair_global.global_launch(
-            S, col, kap, lam, torch.randn(HD, D, generator=g), torch.randn(HD, D, generator=g), torch.rand(D),
-            torch.randn(n, D, generator=g), 0.2, 1e-8))
+            S, col, kap, bbar, pair_global.weight_operands(torch.randn(HD, D, generator=g), dt),
+            pair_global.image_operands(torch.randn(n, HK, D, generator=g), dt), torch.randn(n, D, generator=g), 0.2,
+            1e-8))
     ahead.compile(workers=2)
     return dict(requests=len(ahead.global_requests), builds=ahead.builds,
                 cached=len(pair_global._pair_global_kernel.device_caches[0][0]))

@@ -287,6 +287,9 @@ def test_chunked_prepare_equals_one_shot(variant, K, device):
             if x is not None:  # BLAS may round differently for a different batch size
                 assert x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6), name
         assert (a.Kk is a.Q) == (b.Kk is b.Q) and (a.O is a.Q) == (b.O is b.Q)
+    assert (one.images.pglob is None) == (two.images.pglob is None) == (variant != "paper")
+    if variant == "paper":
+        assert torch.allclose(_global_rows(one.images), _global_rows(two.images), rtol=1e-5, atol=1e-6)
     got = [torch.full((5, 7), float("nan"), device=device) for _ in range(2)]
     for plan, out in zip((one, two), got):
         _launch(case, out, plan=plan)
@@ -699,20 +702,22 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     assert torch.equal(got, want)
 
 
-def test_the_global_score_takes_the_plans_z_operands(device, monkeypatch):
-    """plan_tiles prepares Zw, Zv for the global score's kernel once (the fp32 split reads their
-    largest magnitudes back to the host): launches over several chunks of images and both
-    buckets take the plan's, and make none."""
+def test_the_global_score_takes_the_plans_operands(device, monkeypatch):
+    """plan_tiles prepares Zw and the images' Pv for the global score's kernel once (the fp32
+    split reads their largest magnitudes back to the host): launches over several chunks of
+    images and both buckets take the plan's, and make none."""
     from acf_fast.kernels import pair_global
 
     case = _two_buckets(make_case(9, 12, 5, 24, D=32, H=2, variant="paper", seed=13, device=device))
     plan, _ = _plan(case, torch.float32)
     assert plan.glob.operands["dtype"] == torch.float32 and plan.glob.operands["zw"].dtype == torch.float16
+    assert plan.images.pglob["pv"].shape == (9, 2, 2 * plan.images.K, 32)  # images, hi/lo planes, H·K, D
 
     def refuse(*a, **k):
-        raise AssertionError("Zw, Zv split again at a launch")
+        raise AssertionError("operands made again at a launch")
 
-    monkeypatch.setattr(pair_global, "z_operands", refuse)
+    monkeypatch.setattr(pair_global, "weight_operands", refuse)
+    monkeypatch.setattr(pair_global, "image_operands", refuse)
     out = torch.full((9, 12), float("nan"), device=device)
     _launch(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
     assert_scores_close(out, reference(case), torch.float32, "global score with the plan's operands")
