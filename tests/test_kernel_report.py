@@ -166,6 +166,13 @@ def test_grid_floor_adds_the_global_score_kernel_to_its_variant():
     assert est["paper"]["floor_s"] == pytest.approx(12e-3) and est["paper"]["tensor_s"] == pytest.approx(7e-3)
     assert est["paper"]["l2_s"] == pytest.approx(20e-3) and len(est["paper"]["per_bucket"]) == 1
 
+    # one image against 8 texts per program: 10 texts of a bucket take two programs, 16 rows
+    recs[-1]["pairs_per_program"] = 8
+    est = {e["variant"]: e for e in kernel_report.grid_estimates(recs, gpu=gpu, grid=(100_000, 10),
+                                                                  texts_per_bucket={16: 10})}
+    g = est["paper"]["global_score"]
+    assert g["pairs"] == 1_000_000 and g["rows"] == 1_600_000 and g["floor_s"] == pytest.approx(6.4e-3)
+
 
 def test_bf16_floors_on_the_coco_grid_leave_room_under_the_gpu_targets(records, global_records):
     """Issue 10's H200 targets for the full 5K x 25K bf16 grid (acf-code 2 s, paper 6 s)
