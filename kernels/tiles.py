@@ -701,7 +701,12 @@ TILE_ROWS = 128  # region rows per tile (GI images of K rows, padded)
 TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
 MAX_IMAGES_PER_TILE = 4  # image segments are masked passes: their cost grows with GI
 BUCKETS = (16, 32, 64, 128)  # text lengths are padded to the smallest bucket that holds them
-QUAD_CHUNK = 64  # columns per step of the full-Γ quadratic forms (phase B)
+# Columns per step of the full-Γ quadratic forms (phase B), both sides. Texts took 128 until
+# 2026-12-07: 64 does a quarter (bucket 16) / a sixth (32) less of their tensor-core work (only
+# Γw's upper triangle of chunks: 3 of 4 chunk products, 10 of 16), paper bf16 5.00 -> 4.83 M MACs
+# per pair at bucket 16; offline sm_90 spills, triton 3.6: bf16 352/400 -> 348/248 B, fp32
+# 936/1624 -> 576/436 B; triton 3.9: bf16 572/648 -> 788/388 B, fp32 1292/1688 -> 988/948 B.
+QUAD_CHUNK = 64
 # Rows of the pairwise κ dot, columns of the pair-mean dots: the GIP·GT pairs of a tile,
 # at least 16 (a dot's least side). 64, one warp group's wgmma, made the paper bf16 tile multiply
 # 2x (bucket 16) and 4x (bucket 32) the pairs it has; at 32 / 16 the offline sm_90 build has 5 %
@@ -1176,7 +1181,7 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     GIP = triton.next_power_of_2(GI)
     PP = max(PAIR_ROWS, GIP * GT)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
-                PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, 128),
+                PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, QUAD_CHUNK),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
                 BATCHED_GW=batched_gw(full, GT, LB), I64_HEADS=i64_heads)
 
