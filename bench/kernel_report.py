@@ -151,8 +151,9 @@ def v2_expected_macs(m: dict) -> int:
     if m["PAIRWISE"]:
         PP = m["PP"]
         kappa = PP * BC * DHp  # b̄ leaves as it is (pair_global.py multiplies it by Pv)
-        # A's rows summed per image, B's per text: dots except under f16x3 (masked sums)
-        row_sums = 0 if k == 3 else PP * BR * BC + PP * BC * BR
+        # A's rows summed per image: a dot except under f16x3 (masked sums); B's per text are
+        # sums over each text's LB rows (a reshape), no dot
+        row_sums = 0 if k == 3 else PP * BR * BC
         total += Hh * (k * kappa + row_sums)
     return total
 
@@ -409,7 +410,7 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
     # κ (a PP-row dot, 3 under f16x3) and the row sums (dots except under f16x3) are not main dots,
     # nor is the batched p·Γw (tiles.batched_gw: per text (BR, LB) x (LB, LB), 1/8 of a tile's dot, mma.sync)
     f16x3 = m.get("DOT_PREC") == "f16x3"
-    aux = 3 if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
+    aux = (3 if f16x3 else 2) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
     if req["kernel"] == "v2" and m.get("BATCHED_GW"):
         aux += 3 if f16x3 else 1
     main_dots = build.dots_total - aux

@@ -316,28 +316,9 @@ def _image_means_per_pair(a, v_valid, img_r, txt_c, cnt_i, ST: tl.constexpr, PP:
 
 
 @triton.jit
-def _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, ST: tl.constexpr, PP: tl.constexpr, GIP: tl.constexpr,
-                         GT: tl.constexpr, LB: tl.constexpr, DOT_PREC: tl.constexpr):
-    """b (BC, BR) fp32 -> (PP, BR) fp32: row (g, j) holds the mean of b over text j's valid
-    rows on image g's columns, 0 elsewhere (see :func:`_image_means_per_pair`)."""
-    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-    if DOT_PREC == "f16x3":
-        BR: tl.constexpr = b.shape[1]
-        tt = tl.arange(0, GT)
-        bbar = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1) / cnt_t[:, None]
-        out = tl.zeros((PP, BR), dtype=tl.float32)
-        for j in tl.static_range(GT):
-            rowj = tl.sum(tl.where((tt == j)[:, None], bbar, 0.0), axis=0)
-            out = tl.where((pj == j)[:, None] & (img_r[None, :] == pg[:, None]), rowj[None, :], out)
-    else:
-        out = _pair_means_dot(b, pj, txt_c, w_valid, pg, img_r, p_in, cnt_t, GT, GT, ST, DOT_PREC)
-    return out
-
-
-@triton.jit
 def _pair_means_dot(x, own, own_seg, valid, other, other_seg, p_in, cnt, G: tl.constexpr, GP: tl.constexpr,
                     ST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The dot form of :func:`_image_means_per_pair` / :func:`_text_means_per_pair`: x (R, C)
+    """The dot form of :func:`_image_means_per_pair`: x (R, C)
     fp32 whose rows belong to segments own_seg (R,) with valid (R,), columns to segments
     other_seg (C,); pair row pr (own[pr], other[pr]), p_in (PP,) whether it exists; cnt (GP,)
     the valid rows per own segment (G used). Returns (PP, C): row pr holds the mean of x over
@@ -386,18 +367,16 @@ def _store_pair_rows(ptr, vals, i0, t0, h, N, Mb, PP: tl.constexpr, GIP: tl.cons
 
 
 @triton.jit
-def _store_pair_means(ptr, vals, i0, t0, h, N, Mb, r, img_r, PP: tl.constexpr, GIP: tl.constexpr, GI: tl.constexpr,
-                      GT: tl.constexpr, H: tl.constexpr, K: tl.constexpr):
-    """vals (PP, BR), row pr = pair (image slot g = pr // GT, text slot pr % GT) holding its
-    values on image g's K region rows (r, image slot img_r), into head h's K columns of the
-    (pairs, H*K) buffer at ``ptr`` (row = image * Mb + bucket text)."""
-    pg, pj, p_in = _pair_rows_mask(PP, GIP, GT)
-    prow = (i0 + pg) * Mb + t0 + pj
-    ok = p_in & (pg < GI) & (i0 + pg < N) & (t0 + pj < Mb)
-    at = (img_r[None, :] == pg[:, None]) & (r < GI * K)[None, :]
-    k_r = r - img_r * K
-    tl.store(ptr + prow[:, None] * (H * K) + h * K + k_r[None, :], vals.to(ptr.dtype.element_ty),
-             mask=ok[:, None] & at)
+def _store_text_means(ptr, vals, i0, t0, h, N, Mb, r, img_r, GI: tl.constexpr, GT: tl.constexpr, H: tl.constexpr,
+                      K: tl.constexpr):
+    """vals (GT, BR): row j text slot j's values on every region row r (image slot img_r),
+    into head h's K columns of the (pairs, H*K) buffer at ``ptr`` (row = image * Mb + bucket
+    text): pair (image slot img_r[r], text slot j) takes column h*K + its region."""
+    j = tl.arange(0, GT)
+    img = i0 + img_r  # (BR,) int64
+    prow = img[None, :] * Mb + (t0 + j)[:, None]
+    ok = ((t0 + j) < Mb)[:, None] & ((r < GI * K) & (img < N))[None, :]
+    tl.store(ptr + prow * (H * K) + h * K + (r - img_r * K)[None, :], vals.to(ptr.dtype.element_ty), mask=ok)
 
 
 # Sizes are not specialised (no recompile between a slice and the full grid, nor between
@@ -618,12 +597,15 @@ def _tile_kernel(
                         z = _dot3(q2, q2_lo, gv, gv_lo, None, DOT_PREC)
                         nrm_t += _seg_sum_cols(z * q, img_r, GI, GIP) * (qinv * qinv)
                     if PAIRWISE:
-                        # b̄_h[(g, j)]: B_h's mean over text j's valid tokens, on image g's regions. The
-                        # global score's kernel multiplies it by image g's Pv (pair_global.py), where
-                        # λ_h = b̄_h Kv_h (a dot here) then took an (H·DH) x D product per pair
-                        bblk = _text_means_per_pair(b, w_valid, img_r, txt_c, cnt_t, vk.dtype, PP, GIP, GT, LB,
-                                                    DOT_PREC)
-                        _store_pair_means(bbar_ptr, bblk, i0, t0, h, N, Mb, r, img_r, PP, GIP, GI, GT, H, K)
+                        # b̄_h[(g, j)]: B_h's mean over text j's valid tokens, on image g's regions (a sum
+                        # over each text's LB rows, (GT, BR)). The global score's kernel multiplies it by
+                        # image g's Pv (pair_global.py), where λ_h = b̄_h Kv_h (a dot here) then took an
+                        # (H·DH) x D product per pair. As a dot with the pairs' 0/1 rows and a (PP, BR)
+                        # store, the offline sm_90 build of the bf16 tile had 4-7 % fewer instructions but
+                        # more spills (triton 3.9, buckets 16 / 32: 788 / 388 B against 504 / 360), fp32
+                        # (which expanded the sums to (PP, BR)) 9-23 % more instructions
+                        bbar = tl.sum(tl.reshape(tl.where(w_valid[:, None], b, 0.0), (GT, LB, BR)), axis=1)
+                        _store_text_means(bbar_ptr, bbar / cnt_t[:, None], i0, t0, h, N, Mb, r, img_r, GI, GT, H, K)
             if ps == 0 and SPLIT and not FULL:
                 # regions -> words is complete: reduce it to its (GIP, GT) means now, so that its
                 # (BR, GT) accumulators (replicated across each quad of threads) are not live
