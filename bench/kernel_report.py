@@ -254,7 +254,8 @@ def global_trips(build, m: dict):
 
 def global_records(dtypes, log):
     """Records of the pairwise global score's kernel (``part`` "global score"), per pair:
-    its builds' counts like the tiles' (no padding: every pair is a row)."""
+    its builds' counts like the tiles' (per program: one image against BM texts;
+    grid_estimates counts each image's partly empty last block)."""
     reqs = global_requests(dtypes)
     builds = compile_offline_many([r["request"] for r in reqs])
     log(f"pair-global: {len(builds)} builds")

@@ -143,7 +143,7 @@ def image_operands(Pv: torch.Tensor, dtype: torch.dtype) -> dict:
     row h·K + k), as the kernel takes them for b̄ of ``dtype``: ``pv`` (n, planes, HK, D), one
     plane in that dtype, or for fp32 two fp16 planes (hi, lo) of Pv times a power of two;
     ``unscale`` (n,) fp32 what undoes it. Each image's lo plane follows its hi plane, so a slice
-    of images (:func:`image_rows`) keeps them together. For fp32 the scale is one per call:
+    of images (:func:`image_slice`) keeps them together. For fp32 the scale is one per call:
     tiles.plan_tiles calls it per chunk of images (a scale over all would need them all in
     fp32 at once: 6.5 GB for COCO's 5,000)."""
     n = Pv.shape[0]
@@ -154,7 +154,7 @@ def image_operands(Pv: torch.Tensor, dtype: torch.dtype) -> dict:
     return dict(dtype=dtype, pv=Pv.to(dtype).unsqueeze(1).contiguous(), unscale=torch.ones(n, device=Pv.device))
 
 
-def image_rows(pv: dict, lo: int, hi: int) -> dict:
+def image_slice(pv: dict, lo: int, hi: int) -> dict:
     """:func:`image_operands` of images [lo, hi) (views)."""
     return dict(pv, pv=pv["pv"][lo:hi], unscale=pv["unscale"][lo:hi])
 

@@ -811,10 +811,10 @@ class TextBucket:
 class GlobalWeights:
     """Pairwise global score (spec §3) as W_g = κ Zw, V_g = b̄ Pv + gx, with κ = concat_h(ā_h Kw_h)
     and b̄ = concat_h(b̄_h) from the kernel, Pv each image's rows of the precompute's Pglob
-    (TileImages.pglob). Zw = z_o x_w (H*DH, D) fp32 with zero rows at padded head columns."""
+    (TileImages.pglob). ``operands``: Zw = z_o x_w ((H*DH, D), zero rows at padded head
+    columns) as pair_global's kernel takes it (pair_global.weight_operands)."""
 
-    Zw: torch.Tensor
-    operands: Optional[dict] = None  # Zw as pair_global's kernel takes it (plan_tiles: pair_global.weight_operands)
+    operands: dict
 
 
 @dataclass
@@ -979,8 +979,8 @@ def _merge_buckets(chunks: List[List[TextBucket]]) -> List[TextBucket]:
 
 
 def _global_weights(weights, D: int, H: int, dh: int, device, dtype: torch.dtype) -> GlobalWeights:
-    """Zw = z_o x_w (missing = identity) in fp32, rows padded per head to dh, and its operands
-    for κ of ``dtype``."""
+    """Zw = z_o x_w (missing = identity), made in fp32 with its rows padded per head to dh, as
+    operands for κ of ``dtype``."""
     from .pair_global import weight_operands
 
     f = lambda k: None if weights.get(k) is None else weights[k].detach().to(device, torch.float32)  # noqa: E731
@@ -990,8 +990,7 @@ def _global_weights(weights, D: int, H: int, dh: int, device, dtype: torch.dtype
     d = D // H
     if dh != d:
         Zw = torch.nn.functional.pad(Zw.view(H, d, D), (0, 0, 0, dh - d)).reshape(H * dh, D)
-    Zw = Zw.contiguous()
-    return GlobalWeights(Zw, weight_operands(Zw, dtype))
+    return GlobalWeights(weight_operands(Zw.contiguous(), dtype))
 
 
 def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype, chunk: Optional[int] = None,
@@ -1027,12 +1026,13 @@ def plan_tiles(V, v_mask, W, w_mask, *, heads: int, weights, G, st: torch.dtype,
                                     role="image", G=G[s:s + chunk] if pairwise else None, pairwise_global=pairwise)
             parts.append(tile_images(side, st, global_dtype))
         cat = _cat_sides(parts, ("mask", "norm", "gam", "gx"))
-        images = parts[0] if len(parts) == 1 else TileImages(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"],
-                                                             cat["gam"], cat["gx"], parts[0].K)
-        if pairwise and len(parts) > 1:
+        if len(parts) == 1:
+            images = parts[0]
+        else:
             from .pair_global import cat_image_operands
 
-            images.pglob = cat_image_operands([p.pglob for p in parts])
+            images = TileImages(cat["Q"], cat["Kk"], cat["O"], cat["mask"], cat["norm"], cat["gam"], cat["gx"],
+                                parts[0].K, pglob=cat_image_operands([p.pglob for p in parts]) if pairwise else None)
         text_parts = []
         for s in range(0, M, chunk):
             side = precompute_items(W[s:s + chunk], None if w_mask is None else w_mask[s:s + chunk], weights, heads,
@@ -1238,11 +1238,11 @@ def _global_arguments(out, plan: TilePlan, bucket: TextBucket, kap, bbar, lo: in
     """pair_global.add_pair_global's arguments for images [lo, hi) and the bucket's texts (the
     plan's Zw and Pv operands), and its keywords: where the plan is split into fp16 pairs, the
     feature scale κ = ā Kw carries."""
-    from .pair_global import image_rows as pv_rows
+    from .pair_global import image_slice
 
     img = plan.images
     kw = dict(kap_scale=bucket.split.sigma) if plan.split16 else {}
-    return (out[lo:hi], bucket.col, kap, bbar, plan.glob.operands, pv_rows(img.pglob, lo, hi), img.gx[lo:hi],
+    return (out[lo:hi], bucket.col, kap, bbar, plan.glob.operands, image_slice(img.pglob, lo, hi), img.gx[lo:hi],
             1.0 - u2, eps), kw
 
 

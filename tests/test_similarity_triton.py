@@ -423,8 +423,7 @@ def test_fp16_storage_full_gamma_forms_in_chunks(device):
     """fp16 storage (the bf16 path's dots) at COCO's phase-B shape: 36 regions x 8 heads (Γv
     in 5 chunks of 64 columns, its upper triangle of chunks: tiles._gamma_form's loops) and
     texts of 32 tokens x 8 heads (Γw in 4 chunks, looped; bucket 16's in 2, unrolled), in full
-    128 x 128 tiles. These
-    random scores stay within ±0.1, so fp16's bound (for scores of order 1) applies to S
+    128 x 128 tiles. These random scores stay within ±0.1, so fp16's bound (for scores of order 1) applies to S
     divided by its largest magnitude: halving the off-diagonal chunks' weight (9.8e-4 here,
     3.5e-5 when right) fails it, as it would not against the plain bound."""
     case = _hard_masks(make_case(4, 5, 36, 32, D=64, H=8, variant="paper", seed=9, device=device, dtype=torch.float16),
@@ -515,7 +514,7 @@ def _launch_arguments(case, st, variant_dtype, **launch_kw):
             return lambda *a, **k: calls.append((a, k))
 
     plan, _ = _plan(case, st)
-    # nor the pairwise global score after each launch: it would read the κ and λ not written
+    # nor the pairwise global score after each launch: it would read the κ and b̄ not written
     saved = tiles._tile_kernel, tiles._add_global
     tiles._tile_kernel, tiles._add_global = Recorder(), lambda *a, **k: None
     try:
