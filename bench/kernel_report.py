@@ -117,7 +117,7 @@ def v2_requests(variants, dtypes, buckets=BUCKETS):
                            wq_ptr=st, wk_ptr=st, wo_ptr=st, stride_wh="i32:16", wmask_ptr="*i8", wnorm_ptr="*fp32",
                            wcol_ptr="*i32", wgam_ptr=st, scratch_ptr=scratch, kap_ptr=kl, bbar_ptr=kl,
                            lo_v="i32:16", lo_w="i32:16", lo_gv="i32:16", lo_gw="i32:16",
-                           N="i32", Mb="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
+                           N="i32", Mb="i32", n_it="i32", n_tt="i32", s_i2t="fp32", s_t2i="fp32", u1="fp32", u2="fp32",
                            eps="fp32")
                 for cfg in tiles._prune(tiles._configs(False), {}, **ce):  # what the autotuner may launch
                     meta = {**ce, **cfg.kwargs}

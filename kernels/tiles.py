@@ -385,7 +385,7 @@ def _store_text_means(ptr, vals, i0, t0, h, N, Mb, r, img_r, GI: tl.constexpr, G
 # 16-byte row alignment and vectorise the tile loads. (Lo offsets of unknown alignment made
 # every lo-plane element a 16-bit load: offline sm_90 build, acf-code fp32 bucket 16, 13.8 K
 # warp-instructions per pair against 11.6 K.)
-@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_tt"])
+@triton.jit(do_not_specialize=["stride_sn", "stride_sm", "N", "Mb", "n_it", "n_tt"])
 def _tile_kernel(
     S_ptr, stride_sn, stride_sm,
     # images (this launch's chunk): Q/Kk/O (H, ·, DH) views, head stride stride_vh; mask (n*K,) int8;
@@ -404,7 +404,7 @@ def _tile_kernel(
     # images, of the texts, their Γ); unused otherwise. FULL's scratch: its lo plane follows
     # the hi planes of all programs
     lo_v, lo_w, lo_gv, lo_gw,
-    N, Mb, n_tt,
+    N, Mb, n_it, n_tt,
     s_i2t, s_t2i, u1, u2, eps,
     H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
     GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
@@ -422,7 +422,11 @@ def _tile_kernel(
     F16X3: tl.constexpr = DOT_PREC == "f16x3"
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    n_it = tl.cdiv(N, GI)
+    if FULL:
+        # cdiv(N, GI) again: the argument n_it, read where it is used, made ptxas's allocation of
+        # full Γ's tile spill 0-15 % more (offline sm_90 build); the block-diagonal one spills
+        # less with it (acf-code bf16, bucket 16: 16 -> 8 B per thread)
+        n_it = tl.cdiv(N, GI)
     n_tiles = n_it * n_tt
     HL: tl.constexpr = H * LB
     TILE: tl.constexpr = BR * BC
@@ -449,7 +453,6 @@ def _tile_kernel(
         gw_off = (txt_c * (H * LB * LB) + l_c * LB)[:, None] + l_c[None, :]
     same_txt = txt_c[:, None] == txt_c[None, :]
     k_r = r - img_r * K
-    gv_off = (img_r * (H * K * K) + k_r * K)[:, None] + k_r[None, :]
     same_img = img_r[:, None] == img_r[None, :]
 
     for tile in range(pid, n_tiles, n_prog):
@@ -570,8 +573,16 @@ def _tile_kernel(
                 if ps == 1 or not SPLIT:
                     # ---- words -> regions: rows = tokens, segments = images (K columns each)
                     if not FULL:
-                        gv = tl.load((vgam_ptr + (i0 * H + h) * (K * K)) + gv_off, mask=gv_in, other=0.0)
-                        gv_lo = _lo_plane((vgam_ptr + lo_gv + (i0 * H + h) * (K * K)) + gv_off, gv_in, gv, F16X3)
+                        gv_off = (img_r * (H * K * K) + k_r * K)[:, None] + k_r[None, :]
+                        # the tile's block offset in int32 like gv_off, not an int64 base: ptxas then
+                        # kept a 64-bit pointer to Γv + gv_off live from the start, and spilled it
+                        # (offline sm_90 build, bf16 bucket 16: 8 -> 0 B per thread)
+                        if I64_HEADS:
+                            gv_at = (vgam_ptr + (i0 * H + h) * (K * K)) + gv_off
+                        else:
+                            gv_at = vgam_ptr + (gv_off + ((i0.to(tl.int32) * H + h) * (K * K)))
+                        gv = tl.load(gv_at, mask=gv_in, other=0.0)
+                        gv_lo = _lo_plane(gv_at + lo_gv, gv_in, gv, F16X3)
                     xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
                     q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
                     if O_IS_Q:
@@ -1198,11 +1209,14 @@ def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
               cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
     """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``. I64_HEADS where
     the last head's offset (H - 1)·stride outgrows int32 (D = 1024: from ~67 K images of 36
-    regions, ~75 K captions in bucket 32 or ~150 K in bucket 16 on), or where the bucket's
-    heads are not contiguous (only the I64_HEADS path reads its stride)."""
+    regions, ~75 K captions in bucket 32 or ~150 K in bucket 16 on), where the images' Γv
+    blocks do (n·H·K² elements: the block-diagonal tile offsets them in int32 otherwise; from
+    ~16 K images of 128 regions, whose heads' offsets still fit), or where the bucket's heads
+    are not contiguous (only the I64_HEADS path reads its stride)."""
     img = plan.images
     H, _, DH = img.Q.shape
     i64_heads = ((H - 1) * max(img.Q.stride(0), bucket.Q.stride(0)) >= 2**31
+                 or (not plan.full and img.gam.numel() >= 2**31)
                  or bucket.Q.stride(0) != bucket.Q.shape[1] * DH)
     return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
                            pairwise=plan.glob is not None, embed=embed,
@@ -1421,7 +1435,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                     img.gam[lo:hi],
                     b.Q, b.Kk, b.O, b.Q.stride(0), b.mask, wnorm, b.col, b.gam,
                     scratch, kap, bbar, *lo_offsets,
-                    hi - lo, b.Mb, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
+                    hi - lo, b.Mb, triton.cdiv(hi - lo, GI), n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)
             if ahead is not None:  # what the autotuner would try, with the kwargs it passes
                 kws = ([c.all_kwargs() for c in _prune(_configs(_INTERPRET), {}, **meta)] if tuned

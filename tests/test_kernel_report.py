@@ -104,10 +104,23 @@ def test_fp32_acf_code_tile_is_f16x3_on_wgmma_at_under_two_and_a_half_bf16_tiles
         f"{r['warp_instructions_per_pair']:.0f} vs bf16 {bf16['warp_instructions_per_pair']:.0f}"
 
 
-@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill up to 0.7 KB per thread (triton 3.9: acf-code 16 B "
-                                       "in its leanest configuration at bucket 16, none at 32, up to 332 B in the others; "
-                                       "paper 0.6-0.7 KB, much of it in its loops over the heads; triton 3.6 paper "
-                                       "0.3 KB): open. The global score's kernel does not spill (its own test)")
+def test_leanest_acf_code_bf16_tiles_build_without_spills(records):
+    """acf-code's bf16 tiles in the configuration a GPU tries first (one stage, two passes over
+    the heads) keep every value in registers in triton 3.9's build, at both buckets: the
+    images' Γv blocks are offset in int32 and the image tiles' count comes as an argument
+    (16 B of spills at bucket 16 before). Triton 3.6 (the GPU machine's) still spills there
+    (128 / 312 B, from 216 / 328 B): bench/results/kernels/kernel-report-sm90-triton3.6-*.json."""
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}: its ptxas input still spills these tiles (docstring)")
+    for b in (16, 32):
+        r = records[("acf-code", b, 1, 2)]
+        assert r["spill_bytes"] == 0 and r["spill_instructions_per_pair"] == 0, (b, r["spill_bytes"])
+
+
+@pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill up to 0.5 KB per thread (triton 3.9: acf-code "
+                                       "none in its leanest configuration, 124-336 B in the others; paper 0.4-0.5 KB, "
+                                       "much of it in its loops over the heads; triton 3.6 paper 0.3 KB): open. The "
+                                       "global score's kernel does not spill (its own test)")
 def test_no_shipped_configuration_spills(records):
     for r in records.values():
         assert r["spill_bytes"] == 0, f"{r['variant']} bucket {r['bucket']} stages {r['num_stages']}: {r['spill_bytes']} B"

@@ -702,6 +702,21 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     assert torch.equal(got, want)
 
 
+def test_image_gram_blocks_past_two_to_the_31_take_int64_offsets(device):
+    """The block-diagonal tile offsets the images' Γv blocks in int32 (one less 64-bit pointer
+    live through the tile: it spilled). Past 2^31 elements of Γv (n·H·K²: ~16 K images of 128
+    regions, whose heads' offsets still fit) the launch must take the int64 path."""
+    case = make_case(3, 5, 4, 6, D=64, H=4, variant="acf-code", seed=32, device=device)
+    plan, _ = _plan(case, torch.float16)
+    meta = lambda p: tiles.tile_meta(p, p.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]  # noqa: E731
+    n, H, K, _ = plan.images.gam.shape
+    big = plan.images.gam[:1, :1, :1, :1].expand(-(-2**31 // (H * K * K)), H, K, K)  # no memory behind it
+    assert not meta(plan)
+    assert meta(dataclasses.replace(plan, images=dataclasses.replace(plan.images, gam=big)))
+    smaller = big[: (2**31 - 1) // (H * K * K)]
+    assert not meta(dataclasses.replace(plan, images=dataclasses.replace(plan.images, gam=smaller)))
+
+
 def test_the_global_score_takes_the_plans_operands(device, monkeypatch):
     """plan_tiles prepares Zw and the images' Pv for the global score's kernel once (the fp32
     split reads their largest magnitudes back to the host): launches over several chunks of
