@@ -73,7 +73,7 @@ def test_two_pass_acf_code_tiles_spend_under_one_percent_of_their_instructions_o
     """What spills are left in the tiles a GPU tries first sit once per tile or a few per head:
     the regions -> words means no longer stay live through the second pass (they did: 1.07 %
     at bucket 16, 72 spill instructions per tile and 23 in every head). That is triton 3.9's
-    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.3-2.5 %
+    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.3-2.7 %
     (bench/results/kernels/kernel-report-sm90-triton3.6-*.json; 3.7: up to 3.0 %), bounded at 4 %."""
     limit = 0.01 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 0.04
     for (v, _, _, passes), r in records.items():
