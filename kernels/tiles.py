@@ -404,7 +404,7 @@ def _tile_kernel(
     # images, of the texts, their Γ); unused otherwise. FULL's scratch: its lo plane follows
     # the hi planes of all programs
     lo_v, lo_w, lo_gv, lo_gw,
-    N, Mb, n_it, n_tt,
+    N, Mb, n_it, n_tt,  # images of this launch, bucket texts; their tile counts cdiv(N, GI), cdiv(Mb, GT)
     s_i2t, s_t2i, u1, u2, eps,
     H: tl.constexpr, DH: tl.constexpr, K: tl.constexpr, LB: tl.constexpr,
     GI: tl.constexpr, GIP: tl.constexpr, GT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
