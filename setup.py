@@ -30,5 +30,5 @@ setup(
         "cairosvg",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["acf-fast=acf_fast.cli:main"]},
+    entry_points={"console_scripts": ["acf-fast=acf_fast.cli:entry"]},
 )
