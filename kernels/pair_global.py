@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import _dot3, _lo_plane, _operand, lo_plane_offset, split16_planes, split16_scale
+from .tiles import _dot3, _lo_plane, _operand, lo_plane_offset, split16_into, split16_planes, split16_scale
 
 
 @triton.jit
@@ -149,7 +149,8 @@ def image_operands(Pv: torch.Tensor, dtype: torch.dtype) -> dict:
     n = Pv.shape[0]
     if dtype == torch.float32:
         s = split16_scale(float(Pv.abs().max())) if Pv.numel() else 1.0
-        pv = split16_planes(Pv, s).transpose(0, 1).contiguous()  # (n, 2, HK, D)
+        pv = torch.empty(n, 2, *Pv.shape[1:], dtype=torch.float16, device=Pv.device)
+        split16_into(pv[:, 0], pv[:, 1], Pv.float() * s)  # as split16_planes, with each image's planes together
         return dict(dtype=dtype, pv=pv, unscale=torch.full((n,), 1.0 / s, device=Pv.device))
     return dict(dtype=dtype, pv=Pv.to(dtype).unsqueeze(1).contiguous(), unscale=torch.ones(n, device=Pv.device))
 

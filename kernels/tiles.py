@@ -1096,9 +1096,15 @@ def split16_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
     off = lo_plane_offset(xs)
     planes = torch.empty(2 * off, dtype=torch.float16, device=x.device).as_strided((2, *x.shape),
                                                                                   (off, *xs.stride()))
-    planes[0] = xs
-    planes[1] = xs.sub_(planes[0].float()).mul_(2048.0)  # in place (fp32 temporaries are GBs at COCO size)
+    split16_into(planes[0], planes[1], xs)
     return planes
+
+
+def split16_into(hi: torch.Tensor, lo: torch.Tensor, xs: torch.Tensor) -> None:
+    """:func:`split16_planes`' split of xs (float32, already scaled; consumed) into the fp16
+    tensors hi and lo of its shape, wherever they lie."""
+    hi.copy_(xs)
+    lo.copy_(xs.sub_(hi.float()).mul_(2048.0))  # in place (fp32 temporaries are GBs at COCO size)
 
 
 def _amax(x: torch.Tensor) -> float:
