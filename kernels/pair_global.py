@@ -103,11 +103,12 @@ def _pair_global_kernel(
 
 # --------------------------------------------------------------------------- host side
 
-import os  # noqa: E402
 
 import torch  # noqa: E402
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .interpreter import INTERPRET as _INTERPRET  # noqa: E402  (importing it also fixes triton 3.6's interpreter)
+
+
 PAIRS_PER_PROGRAM = 128
 
 

@@ -58,7 +58,6 @@ switches to tf32 (its own, looser tolerance).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -68,11 +67,12 @@ import triton.language as tl
 
 from acf_fast.precompute import ItemSide, precompute_items
 
+from .interpreter import INTERPRET as _INTERPRET  # importing it also fixes triton 3.6's interpreter
+
 __all__ = ["MAX_K", "MAX_L", "KernelSide", "gram_factor", "prepare_sides", "launch_similarity", "launch_pairs"]
 
 MAX_K = 64  # regions per image the kernel accepts
 MAX_L = 128  # tokens per text the kernel accepts
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MIN_TILE = 16  # tl.dot needs every tile side >= 16 on NVIDIA GPUs
 # fp32 values a program's largest register tile may hold (accumulators, global-term
 # tiles); 8192 = 64 per thread at 4 warps. Sets the query block and BLOCK_D.

@@ -44,6 +44,8 @@ import triton.language as tl
 
 from acf_fast.ranking import MAX_VECTOR
 
+from . import interpreter  # noqa: F401  (importing it fixes triton 3.6's interpreter)
+
 # Tile sizes (constexpr). Tests shrink them so that k and the queries per line exceed a block.
 POSITIONS_BLOCK = 1024  # line items per step of _positions_kernel
 POSITIONS_QB_MAX = 128  # queries per program (a binary search of log2(QB) + 1 probes per item)

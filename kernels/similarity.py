@@ -25,7 +25,6 @@ under autograd and back-propagates the incoming gradient of each block, so gradi
 reach V, W, G, global_emb and every weight without any per-pair tensor kept from
 the forward.
 """
-import os
 from typing import Optional
 
 import torch
@@ -34,10 +33,10 @@ from acf_fast.fused_torch import torch_similarity, with_magnitude_scaling
 from acf_fast.validate import WEIGHT_NAMES
 
 from .tiles import check_tile_limits, launch_tiles, plan_tiles
+from .interpreter import INTERPRET as _INTERPRET
 
 __all__ = ["storage_dtype", "dot_precision", "launch_similarity", "triton_similarity", "TritonSimilarityFunction"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Pairs per backward recompute block. The torch backend bounds its own memory
 # (chunked, checkpointed), so a block can span many images and texts, and the
 # texts' precompute is redone once per block rather than once per image.

@@ -688,7 +688,8 @@ from typing import List, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .interpreter import INTERPRET as _INTERPRET  # noqa: E402  (importing it also fixes triton 3.6's interpreter)
+
 _MIN_DOT = 16  # every tl.dot side must be >= 16 on NVIDIA GPUs
 TILE_ROWS = 128  # region rows per tile (GI images of K rows, padded)
 TILE_COLS = 128  # token rows per tile (GT texts of LB tokens)
