@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - the main job on the embedded synthetic data set
-#   make test   - every test (Triton kernels run in the interpreter on CPU)
+#   make test   - every test (Triton kernels run in the interpreter on CPU), then the
+#                 kernel tests again on triton 3.6, the GPU machine's (make test-triton36)
 #   make real   - ACF on real pictures: the Tux Paint stamps (Debian, GPL-2; needs
 #                 apt-get and dpkg-deb), beside chance and a linear probe
 # All create or refresh .venv themselves.
@@ -8,10 +9,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The GPU machine runs triton 3.6 (torch 2.11 pins it): its kernels, offline sm_90 builds
+# and interpreter are tested in a second venv, from the source tree (PYTHONPATH=.).
+VENV36 := .venv-triton36
+STAMP36 := $(VENV36)/.installed-stamp
+TESTS36 := tests/test_interpreter_fix.py tests/test_similarity_triton.py tests/test_pair_global.py \
+	tests/test_pairs.py tests/test_rerank_triton.py tests/test_offline_compile.py tests/test_kernel_report.py \
+	tests/test_compile_ahead_jit.py tests/test_gpu_check.py
 # torch is pinned so pip takes this machine's CPU build instead of a multi-GB CUDA one.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test real venv bench bench-quick perf-readme ablation clean
+.PHONY: demo test test-triton36 real venv bench bench-quick perf-readme ablation clean
 
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +31,18 @@ $(STAMP): setup.py Makefile
 
 venv: $(STAMP)
 
+$(STAMP36): setup.py Makefile
+	test -x $(VENV36)/bin/python || $(PY) -m venv $(VENV36)
+	$(VENV36)/bin/pip install -q --disable-pip-version-check "$(TORCH)" triton==3.6.0 numpy pytest hypothesis \
+		safetensors tqdm
+	touch $(STAMP36)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-triton36
+
+test-triton36: $(STAMP36)
+	PYTHONPATH=. $(VENV36)/bin/python -m pytest -q -p no:cacheprovider $(TESTS36)
 
 demo: $(STAMP)
 	$(BIN)/acf-fast demo
@@ -45,4 +63,4 @@ perf-readme: $(STAMP)
 	$(BIN)/acf-fast bench --readme
 
 clean:
-	rm -rf $(VENV) demo_out real_out .pytest_cache
+	rm -rf $(VENV) $(VENV36) demo_out real_out .pytest_cache
