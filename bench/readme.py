@@ -95,7 +95,7 @@ def gpu_check_lines(gpu_dir: Path, readme_dir: Path) -> List[str]:
                 f"From `{_rel(path, readme_dir)}`; COCO-5K shape (5,000 × 25,000 pairs, K = 36, L ≤ 32 at COCO-like "
                 "lengths, D = 1024, H = 8). Full-grid times are measured once; `predicted` ones come from a timed "
                 "slice where the full grid was not run.", "",
-                "| variant | dtype | kernel | \|S − float64\| | full grid | TFLOP/s | vs torch backend | joules |",
+                "| variant | dtype | kernel | \\|S − float64\\| | full grid | TFLOP/s | vs torch backend | joules |",
                 "|:---|:---|:---|---:|---:|---:|---:|---:|"]
         for r in d.get("results", []):
             if "v2_vs_float64" in r:  # today's script: kernel v2 (v1 beside it per pair)
