@@ -103,11 +103,9 @@ def _pair_global_kernel(
 
 # --------------------------------------------------------------------------- host side
 
-
 import torch  # noqa: E402
 
 from .interpreter import INTERPRET as _INTERPRET  # noqa: E402  (importing it also fixes triton 3.6's interpreter)
-
 
 PAIRS_PER_PROGRAM = 128
 

@@ -32,8 +32,8 @@ import torch
 from acf_fast.fused_torch import torch_similarity, with_magnitude_scaling
 from acf_fast.validate import WEIGHT_NAMES
 
-from .tiles import check_tile_limits, launch_tiles, plan_tiles
 from .interpreter import INTERPRET as _INTERPRET
+from .tiles import check_tile_limits, launch_tiles, plan_tiles
 
 __all__ = ["storage_dtype", "dot_precision", "launch_similarity", "triton_similarity", "TritonSimilarityFunction"]
 
