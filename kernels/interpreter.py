@@ -45,18 +45,19 @@ def fix_scalar_index() -> bool:
 
     scope = scope_type()
     try:
-        try:
-            patch_tensor(Probe, scope)
-            index = Probe.__index__
-        except Exception:  # another interpreter than the one this knows: leave it
-            return False
-        try:
-            if index(Probe()) == 3:
-                return False
-        except TypeError:  # numpy's refusal: patch
-            pass
+        patch_tensor(Probe, scope)
+        index = Probe.__index__
+    except Exception:  # another interpreter than the one this knows: leave it
+        scope.restore()
+        return False
+    try:
+        converts = index(Probe()) == 3
+    except TypeError:  # numpy's refusal
+        converts = False
     finally:
         scope.restore()
+    if converts:
+        return False
 
     def patched(tensor, scope):
         patch_tensor(tensor, scope)

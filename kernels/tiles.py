@@ -1425,7 +1425,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
         chunk = N if plan.glob is None else max(step, (global_pairs // max(b.Mb, 1)) // step * step)
         for lo in range(0, N, chunk):
             hi = min(N, lo + chunk)
-            n_tiles = triton.cdiv(hi - lo, GI) * n_tt
+            n_it = triton.cdiv(hi - lo, GI)
+            n_tiles = n_it * n_tt
             programs = min(n_tiles, _num_sms(dev)) if plan.full else n_tiles
             n_planes = 2 if plan.split16 else 1  # f16x3: the scratch's lo plane after its hi plane
             scratch = (torch.empty(n_planes * programs * H * 2 * meta["BR"] * meta["BC"], dtype=img.Q.dtype, device=dev)
@@ -1442,7 +1443,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                     img.gam[lo:hi],
                     b.Q, b.Kk, b.O, b.Q.stride(0), b.mask, wnorm, b.col, b.gam,
                     scratch, kap, bbar, *lo_offsets,
-                    hi - lo, b.Mb, triton.cdiv(hi - lo, GI), n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
+                    hi - lo, b.Mb, n_it, n_tt, s_i2t, s_t2i, float(u1), float(u2), b_eps)
             grid = (programs,)
             if ahead is not None:  # what the autotuner would try, with the kwargs it passes
                 kws = ([c.all_kwargs() for c in _prune(_configs(_INTERPRET), {}, **meta)] if tuned
