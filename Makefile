@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 # and interpreter are tested in a second venv, from the source tree (PYTHONPATH=.).
 VENV36 := .venv-triton36
 STAMP36 := $(VENV36)/.installed-stamp
-TESTS36 := tests/test_interpreter_fix.py tests/test_similarity_triton.py tests/test_pair_global.py \
+TESTS36 := tests/test_interpreter_fix.py tests/test_similarity_triton.py tests/test_mask_bias.py tests/test_pair_global.py \
 	tests/test_pairs.py tests/test_rerank_triton.py tests/test_offline_compile.py tests/test_kernel_report.py \
 	tests/test_compile_ahead_jit.py tests/test_gpu_check.py
 # torch is pinned so pip takes this machine's CPU build instead of a multi-GB CUDA one.

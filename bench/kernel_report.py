@@ -141,6 +141,8 @@ def v2_expected_macs(m: dict) -> int:
         # A·Γw (batched: one (BR, LB) x (LB, LB) per text), B·Γv (the Γ blocks are read, computed once per item)
         per_head += (m["GT"] * BR * m["LB"] ** 2 if m["BATCHED_GW"] else BR * BC * BC) + BC * BR * BR
     total = Hh * per_head * k
+    # the keys' mask bias (tiles._add_mask_bias): one bf16 K = 16 product per biased direction and head
+    total += Hh * ((m["MASK_I2T"] == "bias") + (m["MASK_T2I"] == "bias")) * BR * BC * 16
     if m["FULL"]:
         # the quadratic forms take Γ's upper triangle of QC x QC chunks (tiles._gamma_form)
         def form(side, QC):
@@ -414,6 +416,8 @@ def _record(build, trips, expected_macs, pairs: int, req: dict, *, padded_K: flo
     aux = (3 if f16x3 else 2) if req["kernel"] == "v2" and m.get("PAIRWISE") else 0
     if req["kernel"] == "v2" and m.get("BATCHED_GW"):
         aux += 3 if f16x3 else 1
+    if req["kernel"] == "v2":  # the keys' mask bias, a K = 16 product (tiles._add_mask_bias)
+        aux += (m["MASK_I2T"] == "bias") + (m["MASK_T2I"] == "bias")
     main_dots = build.dots_total - aux
     rec["main_dots"] = main_dots
     rec["wgmma"] = build.dots_wgmma >= main_dots > 0

@@ -44,23 +44,67 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .interpreter import INTERPRET as _INTERPRET  # importing it also fixes triton 3.6's interpreter
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# The logit bias of an invalid key (mask mode "bias" of :func:`_tile_kernel`): -2^80, exact
+# in bf16, so far below any logit that its softmax weight is exactly 0 for every softmax scale
+# the launcher lets it serve (:func:`mask_bias_scale_ok`), and finite, so no inf - inf anywhere.
+MASK_BIAS: tl.constexpr = tl.constexpr(-1.2089258196146292e24)
+# The bias product in bf16 on a GPU; the interpreter multiplies bf16 operands as their raw bits
+# (triton-lang/triton#11584, "not supported yet"), so there in fp32, exact for 0, 1 and -2^80 alike.
+_BIAS_BF16: tl.constexpr = tl.constexpr(not _INTERPRET)
 
 
 @triton.jit
-def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
-    """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e).
+def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr, SIGNED: tl.constexpr):
+    """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e), > 0 unless
+    SIGNED (any sign: scaled first, one FMUL per logit more).
 
     Returns (p (BR, GT, LB) fp32 unnormalised exp2 weights, 0 at invalid columns;
     inv (BR, GT) fp32 the reciprocals of the segment sums, 1 where a segment has no valid
     column). One reciprocal per segment: its users multiply, where a division per use was
     a range check, a reciprocal and a fix-up each."""
-    x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
-    m = tl.max(x3, axis=2)
-    m = tl.where(m == float("-inf"), 0.0, m * c)
-    p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
+    if SIGNED:
+        x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)) * c, float("-inf"))
+        m = tl.max(x3, axis=2)
+        p = tl.exp2(x3 - tl.where(m == float("-inf"), 0.0, m)[:, :, None])
+    else:
+        x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
+        m = tl.max(x3, axis=2)
+        m = tl.where(m == float("-inf"), 0.0, m * c)
+        p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
     ssum = tl.sum(p, axis=2)
     return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
+
+
+@triton.jit
+def _seg_softmax_cols_biased(x, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
+    """:func:`_seg_softmax_cols` for logits x that already carry the keys' mask bias
+    (:func:`_add_mask_bias`): no select per element, and every segment's sum is at least 1
+    (its largest weight is exp2(0)), so no guard either. c > 0 (the launcher's condition)."""
+    x3 = tl.reshape(x, (BR, GT, LB))
+    m = tl.max(x3, axis=2) * c
+    p = tl.exp2(x3 * c - m[:, :, None])  # exactly 0 at invalid columns: x there is ~ MASK_BIAS
+    return p, 1.0 / tl.sum(p, axis=2)
+
+
+@triton.jit
+def _add_mask_bias(x, mask_ptr, idx, idx_in):
+    """x (R, C) fp32 logits + MASK_BIAS at every invalid key column: the columns' int8 mask is
+    read at mask_ptr + idx (C,) where idx_in, and a column outside (idx_in False) counts as
+    invalid. One K = 16 tensor-core product (a ones column times the bias row) adds it to the
+    accumulator: per element that replaces a select and the extraction of its predicate from
+    the packed mask, which the offline sm_90 build issued one LOP3 each for (64 mask bits per
+    thread do not fit the 7 predicate registers)."""
+    k16 = tl.arange(0, 16)
+    ones = tl.where(k16[None, :] == 0, 1.0, 0.0) + tl.zeros((x.shape[0], 16), dtype=tl.float32)
+    valid = tl.load(mask_ptr + idx[None, :] + 0 * k16[:, None], mask=idx_in[None, :] & (k16 == 0)[:, None], other=0)
+    bias = tl.where((valid == 0) & (k16 == 0)[:, None], MASK_BIAS, 0.0)
+    if _BIAS_BF16:
+        return tl.dot(ones.to(tl.bfloat16), bias.to(tl.bfloat16), x)
+    else:
+        return tl.dot(ones, bias, x, input_precision="ieee")
 
 
 @triton.jit
@@ -82,6 +126,15 @@ def _lo_plane(ptr, mask, hi, F16X3: tl.constexpr):
     lo offset); else ``hi`` itself (:func:`_dot3` then ignores it)."""
     if F16X3:
         return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return hi
+
+
+@triton.jit
+def _lo_plane_all(ptr, hi, F16X3: tl.constexpr):
+    """:func:`_lo_plane` of a load without mask."""
+    if F16X3:
+        return tl.load(ptr)
     else:
         return hi
 
@@ -208,23 +261,49 @@ def _image_counts(vmask_ptr, i0, N, slot_i, GI: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr):
+def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr, SIGNED: tl.constexpr):
     """x (BC, BR) fp32 raw logits; seg (BR,) int32 image slot of each column; valid (BR,)
-    bool; c = s·log2(e). Segments are the GI images of the tile (K columns each, not a
-    power of two, hence masked passes).
+    bool; c = s·log2(e), > 0 unless SIGNED (as :func:`_seg_softmax_cols`). Segments are the
+    GI images of the tile (K columns each, not a power of two, hence masked passes).
 
     Returns (p (BC, BR) unnormalised, 0 at invalid columns; inv (BC, GIP) the reciprocals
     of the segment sums, 1 where a segment has no valid column)."""
-    xm = tl.where(valid[None, :], x, float("-inf"))
+    if SIGNED:
+        xm = tl.where(valid[None, :], x * c, float("-inf"))
+    else:
+        xm = tl.where(valid[None, :], x, float("-inf"))
     m_el = tl.zeros_like(x)
     for g in tl.static_range(GI):
         in_g = (seg == g)[None, :]
         mg = tl.max(tl.where(in_g, xm, float("-inf")), axis=1)
-        mg = tl.where(mg == float("-inf"), 0.0, mg * c)
+        if SIGNED:
+            mg = tl.where(mg == float("-inf"), 0.0, mg)
+        else:
+            mg = tl.where(mg == float("-inf"), 0.0, mg * c)
         m_el = tl.where(in_g, mg[:, None], m_el)
-    p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
+    if SIGNED:
+        p = tl.exp2(xm - m_el)
+    else:
+        p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
     ssum = _seg_sum_cols(p, seg, GI, GIP)
     return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
+
+
+@triton.jit
+def _seg_softmax_rowsegs_biased(x, seg, c, GI: tl.constexpr, GIP: tl.constexpr):
+    """:func:`_seg_softmax_rowsegs` for logits x that already carry the keys' mask bias
+    (:func:`_add_mask_bias`; c > 0): no select of the valid columns, and no guard for
+    segments without one."""
+    m_el = tl.zeros_like(x)
+    for g in tl.static_range(GI):
+        in_g = (seg == g)[None, :]
+        mg = tl.max(tl.where(in_g, x, float("-inf")), axis=1) * c
+        m_el = tl.where(in_g, mg[:, None], m_el)
+    # 0 at invalid columns, also at the tile's padded rows beyond its GI images, in no
+    # segment (m_el = 0 there), which Γv's zero rows then meet in the B·Γv product
+    p = tl.exp2(x * c - m_el)
+    ssum = _seg_sum_cols(p, seg, GI, GIP)
+    return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)  # 0 only in the slots beyond GI
 
 
 @triton.jit
@@ -411,6 +490,7 @@ def _tile_kernel(
     PP: tl.constexpr, HKP: tl.constexpr, QCV: tl.constexpr, QCW: tl.constexpr,
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
     PAIRWISE: tl.constexpr, EMBED: tl.constexpr, I64_HEADS: tl.constexpr,
+    MASK_I2T: tl.constexpr, MASK_T2I: tl.constexpr,
     DOT_PREC: tl.constexpr, BATCHED_GW: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
@@ -418,7 +498,20 @@ def _tile_kernel(
     them all; FULL needs the per-program scratch, so its grid is capped).
 
     EMBED: S already holds (1 - u2) times the embedding global score (:func:`launch_tiles`
-    writes it with one GEMM) and the tile adds u2 times the local score to it."""
+    writes it with one GEMM) and the tile adds u2 times the local score to it.
+
+    MASK_I2T / MASK_T2I: how the direction keeps its invalid keys (tokens / regions) out of
+    its softmax (:func:`mask_mode`): "bias", the logit MASK_BIAS from a K = 16 product
+    (:func:`_add_mask_bias`); "select", a select per logit (softmax scale > 0); "signed",
+    the same for a scale of any sign.
+
+    The features are read without masks: the tile's rows beyond its images (rows past GI·K,
+    images past N) and columns beyond its texts read what follows them, the next items or
+    the zero slack the plan keeps after every feature tensor (:func:`read_slack`), never
+    memory outside the plan. Those rows and columns are masked out of every result (features
+    only meet in per-row and per-column products; the Γ tiles stay masked), and the loads lose
+    the zeroing of their registers and their predicates: 5 % of the instructions per pair
+    (offline sm_90 build, acf-code bf16, bucket 32)."""
     F16X3: tl.constexpr = DOT_PREC == "f16x3"
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -510,19 +603,19 @@ def _tile_kernel(
                     hv = h * stride_vh + v_first
                     hw = h * (Mb * (LB * DH)) + w_first
                 if ps == 0:
-                    vq = tl.load((vq_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-                    wk = tl.load((wk_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-                    vq_lo = _lo_plane((vq_ptr + hv + lo_v) + v_off, row_in[:, None], vq, F16X3)
-                    wk_lo = _lo_plane((wk_ptr + hw + lo_w) + w_off, col_in[:, None], wk, F16X3)
+                    vq = tl.load((vq_ptr + hv) + v_off)
+                    wk = tl.load((wk_ptr + hw) + w_off)
+                    vq_lo = _lo_plane_all((vq_ptr + hv + lo_v) + v_off, vq, F16X3)
+                    wk_lo = _lo_plane_all((wk_ptr + hw + lo_w) + w_off, wk, F16X3)
                 if ps == 1 or not SPLIT:
                     if SHARED_QK and not SPLIT:
                         vk, vk_lo = vq, vq_lo
                         wq, wq_lo = wk, wk_lo
                     else:
-                        vk = tl.load((vk_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-                        wq = tl.load((wq_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-                        vk_lo = _lo_plane((vk_ptr + hv + lo_v) + v_off, row_in[:, None], vk, F16X3)
-                        wq_lo = _lo_plane((wq_ptr + hw + lo_w) + w_off, col_in[:, None], wq, F16X3)
+                        vk = tl.load((vk_ptr + hv) + v_off)
+                        wq = tl.load((wq_ptr + hw) + w_off)
+                        vk_lo = _lo_plane_all((vk_ptr + hv + lo_v) + v_off, vk, F16X3)
+                        wq_lo = _lo_plane_all((wq_ptr + hw + lo_w) + w_off, wq, F16X3)
                 if ps == 0:
                     # ---- regions -> words: rows = regions, segments = texts (LB columns each)
                     if not FULL:
@@ -532,12 +625,16 @@ def _tile_kernel(
                         gw = tl.load((wgam_ptr + (t0 * H + h) * (LB * LB)) + gw_off, mask=gw_in, other=0.0)
                         gw_lo = _lo_plane((wgam_ptr + lo_gw + (t0 * H + h) * (LB * LB)) + gw_off, gw_in, gw, F16X3)
                     x = _dot3(vq, vq_lo, tl.trans(wk), tl.trans(wk_lo), None, DOT_PREC)
-                    p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB)
+                    if MASK_I2T == "bias":
+                        x = _add_mask_bias(x, wmask_ptr + t0 * LB, c, col_in)
+                        p, inv = _seg_softmax_cols_biased(x, c_i2t, BR, GT, LB)
+                    else:
+                        p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB, MASK_I2T == "signed")
                     if O_IS_Q:
                         xn = x
                     else:
-                        vo = tl.load((vo_ptr + hv) + v_off, mask=row_in[:, None], other=0.0)
-                        vo_lo = _lo_plane((vo_ptr + hv + lo_v) + v_off, row_in[:, None], vo, F16X3)
+                        vo = tl.load((vo_ptr + hv) + v_off)
+                        vo_lo = _lo_plane_all((vo_ptr + hv + lo_v) + v_off, vo, F16X3)
                         xn = _dot3(vo, vo_lo, tl.trans(wk), tl.trans(wk_lo), None, DOT_PREC)
                     if FULL or PAIRWISE:
                         a3 = p * inv[:, :, None]
@@ -584,12 +681,16 @@ def _tile_kernel(
                         gv = tl.load(gv_at, mask=gv_in, other=0.0)
                         gv_lo = _lo_plane(gv_at + lo_gv, gv_in, gv, F16X3)
                     xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
-                    q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP)
+                    if MASK_T2I == "bias":
+                        xt = _add_mask_bias(xt, vmask_ptr + i0 * K, r, row_in)
+                        q, qinv = _seg_softmax_rowsegs_biased(xt, img_r, c_t2i, GI, GIP)
+                    else:
+                        q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP, MASK_T2I == "signed")
                     if O_IS_Q:
                         xtn = xt
                     else:
-                        wo = tl.load((wo_ptr + hw) + w_off, mask=col_in[:, None], other=0.0)
-                        wo_lo = _lo_plane((wo_ptr + hw + lo_w) + w_off, col_in[:, None], wo, F16X3)
+                        wo = tl.load((wo_ptr + hw) + w_off)
+                        wo_lo = _lo_plane_all((wo_ptr + hw + lo_w) + w_off, wo, F16X3)
                         xtn = _dot3(wo, wo_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
                     num_t += _seg_sum_cols(q * xtn, img_r, GI, GIP) * qinv
                     if FULL or PAIRWISE:
@@ -688,7 +789,6 @@ from typing import List, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-from .interpreter import INTERPRET as _INTERPRET  # noqa: E402  (importing it also fixes triton 3.6's interpreter)
 
 _MIN_DOT = 16  # every tl.dot side must be >= 16 on NVIDIA GPUs
 TILE_ROWS = 128  # region rows per tile (GI images of K rows, padded)
@@ -854,13 +954,43 @@ class TilePlan:
         return self.images.split is not None
 
 
+def read_slack(dh: int) -> int:
+    """Zero elements kept after every tile feature tensor (after its lo plane, split into fp16
+    pairs): the tiles read the features without masks (:func:`_tile_kernel`), up to
+    TILE_ROWS - 1 rows past a side's last image and TILE_COLS - 1 past its last text."""
+    return max(TILE_ROWS, TILE_COLS) * dh
+
+
+def _slack_empty(shape, dtype: torch.dtype, device, planes: int = 1) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``shape`` (.., dh) followed in its storage by
+    read_slack(dh) zeros; ``planes=2``: (2, *shape), the planes of :func:`split16_planes`
+    (the second :func:`lo_plane_offset` elements after the first), the zeros after the second."""
+    n = math.prod(shape)
+    off = _plane_offset(n)
+    end = off * (planes - 1) + n
+    buf = torch.empty(end + read_slack(shape[-1]), dtype=dtype, device=device)
+    buf[end:].zero_()
+    if planes == 1:
+        return buf[:n].view(shape)
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return buf.as_strided((planes, *shape), (off, *strides))
+
+
+def slack_after(t: torch.Tensor, lo_plane: int = 0) -> int:
+    """Elements of t's storage after its end (a contiguous t; after its lo plane, ``lo_plane``
+    elements on, where it has one)."""
+    return t.untyped_storage().nbytes() // t.element_size() - (t.storage_offset() + lo_plane + t.numel())
+
+
 def _heads_major(x: torch.Tensor, dh: int, st: torch.dtype) -> torch.Tensor:
-    """(n, H, T, d) -> (H, n*T, dh) contiguous in ``st``; d padded with zeros to dh."""
+    """(n, H, T, d) -> (H, n*T, dh) contiguous in ``st``, with the read slack after it; d padded
+    with zeros to dh."""
     n, H, T, d = x.shape
-    y = x.transpose(0, 1).to(st)
-    if dh != d:
-        y = torch.nn.functional.pad(y, (0, dh - d))
-    return y.contiguous().view(H, n * T, dh)
+    out = _slack_empty((H, n * T, dh), st, x.device)
+    out4 = out.view(H, n, T, dh)
+    out4[..., :d].copy_(x.transpose(0, 1))
+    out4[..., d:].zero_()
+    return out
 
 
 def _tile_qko(Q, Kk, O, dh: int, st: torch.dtype):
@@ -878,7 +1008,10 @@ def _cat_sides(parts, dim_items):
     for name in ("Q", "Kk", "O"):
         if name != "Q" and getattr(first, name) is first.Q:
             continue
-        out[name] = torch.cat([getattr(p, name) for p in parts], dim=1)
+        ts = [getattr(p, name) for p in parts]
+        H, _, dh = ts[0].shape
+        out[name] = torch.cat(ts, dim=1, out=_slack_empty((H, sum(t.shape[1] for t in ts), dh), ts[0].dtype,
+                                                          ts[0].device))
     out["Kk"] = out.get("Kk", out["Q"])
     out["O"] = out.get("O", out["Q"])
     for name in dim_items:
@@ -1083,20 +1216,29 @@ def lo_plane_offset(hi: torch.Tensor) -> int:
     size rounded up to a multiple of 16, so that the lo plane keeps the hi plane's 32-byte
     alignment and the kernel's lo loads are vector loads (the offsets are specialised as
     16-divisible)."""
-    return -(-hi.numel() // 16) * 16
+    return _plane_offset(hi.numel())
 
 
-def split16_planes(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def _plane_offset(n: int) -> int:
+    """:func:`lo_plane_offset` of a plane of n elements."""
+    return -(-n // 16) * 16
+
+
+def split16_planes(x: torch.Tensor, sigma: float, *, slack: bool = False) -> torch.Tensor:
     """x float32 -> (2, *x.shape) fp16, each plane contiguous: hi = fp16(sigma·x), lo =
     fp16((sigma·x - hi)·2048), so that hi + lo/2048 = sigma·x to ~2^-22 relative, as tf32x3's
     split (whose tf32 keeps fp32's exponent range; fp16 needs the scaling). The lo plane
-    starts :func:`lo_plane_offset` elements after the hi plane. With sigma from
-    :func:`split16_scale` nothing overflows, and values down to ~2^-37 of the largest keep
-    their precision (the lo part's 2048 reaches below fp16's normals)."""
+    starts :func:`lo_plane_offset` elements after the hi plane; ``slack``: the read slack of
+    tile features follows it (:func:`read_slack`). With sigma from :func:`split16_scale`
+    nothing overflows, and values down to ~2^-37 of the largest keep their precision (the lo
+    part's 2048 reaches below fp16's normals)."""
     xs = (x.float() * sigma).contiguous()
-    off = lo_plane_offset(xs)
-    planes = torch.empty(2 * off, dtype=torch.float16, device=x.device).as_strided((2, *x.shape),
-                                                                                  (off, *xs.stride()))
+    if slack:
+        planes = _slack_empty(tuple(x.shape), torch.float16, x.device, planes=2)
+    else:
+        off = lo_plane_offset(xs)
+        planes = torch.empty(2 * off, dtype=torch.float16, device=x.device).as_strided((2, *x.shape),
+                                                                                      (off, *xs.stride()))
     split16_into(planes[0], planes[1], xs)
     return planes
 
@@ -1123,9 +1265,9 @@ def _split_side(side):
     if max(amax * sigma, amax_gam * sigma_gam) > F16X3_MAX:
         raise ValueError(f"features up to |x| = {amax:.3g} (Γ {amax_gam:.3g}) are too large for the fp32 tiles' fp16 "
                          "pairs: divide them down first (acf_similarity does, see with_magnitude_scaling)")
-    Q = split16_planes(side.Q, sigma)[0]  # views of the hi planes; the lo planes follow them
-    Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma)[0]
-    O = Q if side.O is side.Q else split16_planes(side.O, sigma)[0]
+    Q = split16_planes(side.Q, sigma, slack=True)[0]  # views of the hi planes; the lo planes follow them
+    Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma, slack=True)[0]
+    O = Q if side.O is side.Q else split16_planes(side.O, sigma, slack=True)[0]
     gam = split16_planes(side.gam, sigma_gam)[0]
     return dataclasses.replace(side, Q=Q, Kk=Kk, O=O, gam=gam, split=Split16(sigma, sigma_gam))
 
@@ -1153,7 +1295,7 @@ def _prune(configs, named_args, **meta):
 
 
 _TUNE_KEY = ["H", "DH", "K", "LB", "GI", "GT", "BR", "BC", "HKP", "FULL", "SHARED_QK", "O_IS_Q", "PAIRWISE", "EMBED",
-             "DOT_PREC", "BATCHED_GW", "I64_HEADS"]
+             "DOT_PREC", "BATCHED_GW", "I64_HEADS", "MASK_I2T", "MASK_T2I"]
 # S is restored after each timed config: with EMBED the tile adds to what S holds
 _tile_tuned = triton.autotune(configs=_configs(_INTERPRET), key=_TUNE_KEY, restore_value=["S_ptr"],
                               prune_configs_by={"early_config_prune": _prune})(_tile_kernel)
@@ -1169,12 +1311,15 @@ def autotuned_configs() -> List[dict]:
 
 def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
                     embed: bool, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS,
-                    i64_heads: bool = False) -> dict:
+                    i64_heads: bool = False, scale=(1.0, 1.0), mask_bias: Optional[bool] = None) -> dict:
     """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
 
     H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
     HKP the padded H*K of the full Γv (ignored unless ``full``); ``i64_heads``: the heads'
-    element offsets need int64 (:func:`tile_meta`)."""
+    element offsets need int64 (:func:`tile_meta`); ``scale`` the softmax scales (s_i2t,
+    s_t2i) as the tile gets them, which pick each direction's :func:`mask_mode`, with the
+    bias where :func:`mask_bias_pays` (``mask_bias`` given: wherever the scale allows, or
+    nowhere)."""
     GI, BR = image_tile_shape(K, rows)
     BC = max(cols, LB)
     GT = BC // LB
@@ -1183,7 +1328,46 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, QUAD_CHUNK),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
-                BATCHED_GW=batched_gw(full, GT, LB), I64_HEADS=i64_heads)
+                BATCHED_GW=batched_gw(full, GT, LB), I64_HEADS=i64_heads,
+                **{f"MASK_{d.upper()}": mask_mode(s, mask_bias_pays(d, full, batched_gw(full, GT, LB), dot_prec)
+                                                  if mask_bias is None else mask_bias)
+                   for d, s in (("i2t", scale[0]), ("t2i", scale[1]))})
+
+
+def mask_mode(s: float, bias_pays: bool = True) -> str:
+    """How a direction with softmax scale ``s`` (as the tile gets it) masks its invalid keys:
+    "bias" where the scale lets the bias mask them (:func:`mask_bias_scale_ok`) and it pays,
+    else "select" for s > 0, "signed" (one multiply per logit more) for s <= 0."""
+    if s <= 0.0:
+        return "signed"
+    return "bias" if bias_pays and mask_bias_scale_ok(s) else "select"
+
+
+def mask_bias_scale_ok(s: float) -> bool:
+    """Whether a softmax scale ``s``, as the tile gets it, lets MASK_BIAS (-2^80) mask a key:
+    2^-40 <= s <= 2^40. Then an invalid key's logit times s·log2(e) is below -2^40 (its
+    weight exp2 of that is exactly 0) and above -2^121 (finite: a text or image slot beyond
+    the last one, all of whose keys carry the bias, still has finite weights). Logits
+    themselves stay far below 2^79: with_magnitude_scaling and the fp16 pairs' sigmas bring
+    the features to unit scale and put their size into s. A zero, negative or extreme scale
+    takes a select per logit."""
+    return 2.0**-40 <= s <= 2.0**40
+
+
+def mask_bias_pays(direction: str, full: bool, batched: bool, dot_prec: str) -> bool:
+    """Whether a direction ("i2t" regions -> words, "t2i" words -> regions) masks its keys by
+    the logit bias where its scale lets it. The bias takes a select and a predicate per logit
+    off the issue slots but adds a K = 16 product per head (1/16 more tensor-core work per
+    direction): it pays only where a tile is issue-bound, which in the offline sm_90 build
+    (triton 3.9, bench/kernel_report.py's grid floors) is words -> regions in the bf16
+    block-diagonal tile with batched p·Γw (acf-code, bucket 16): its bucket's floor 0.674 ->
+    0.625 s. Elsewhere tensor cores bound the floor and the bias made it worse (bias in both
+    directions / none, with the unmasked feature loads of both):
+
+    - acf-code bf16, bucket 32: 0.410 / 0.386 s (9.9 K / 11.4 K warp-instructions per pair,
+      0 B of spills either way);
+    - acf-code fp32: 2.85 / 2.78 s; paper bf16: 2.32 / 2.27 s; paper fp32: 6.67 / 6.60 s."""
+    return direction == "t2i" and batched and not full and dot_prec == "tf32"
 
 
 def batched_gw(full: bool, GT: int, LB: int) -> bool:
@@ -1213,7 +1397,7 @@ def hkp_of(H: int, K: int) -> int:
 
 
 def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
-              cols: int = TILE_COLS, rows: int = TILE_ROWS) -> dict:
+              cols: int = TILE_COLS, rows: int = TILE_ROWS, scale=(1.0, 1.0), mask_bias: Optional[bool] = None) -> dict:
     """:func:`tile_constexprs` for one (images, bucket) launch of ``plan``. I64_HEADS where
     the last head's offset (H - 1)·stride outgrows int32 (D = 1024: from ~67 K images of 36
     regions, ~75 K captions in bucket 32 or ~150 K in bucket 16 on), where the images' Γv
@@ -1228,7 +1412,7 @@ def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
     return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
                            pairwise=plan.glob is not None, embed=embed,
                            HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows,
-                           i64_heads=i64_heads)
+                           i64_heads=i64_heads, scale=scale, mask_bias=mask_bias)
 
 
 def _num_sms(device) -> int:
@@ -1378,7 +1562,7 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
                  gi: Optional[torch.Tensor] = None, gt: Optional[torch.Tensor] = None, dot_prec: str = "ieee",
                  cols: int = TILE_COLS, rows: int = TILE_ROWS, tuned: bool = True,
                  global_pairs: int = GLOBAL_PAIRS, eps: float = 1e-8, split: Optional[bool] = None,
-                 timings: Optional[list] = None) -> torch.Tensor:
+                 mask_bias: Optional[bool] = None, timings: Optional[list] = None) -> torch.Tensor:
     """Write S (N, M) float32 into ``out``: one launch per text bucket (and, with the
     pairwise global score, per chunk of images of at most ``global_pairs`` pairs).
 
@@ -1387,7 +1571,9 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     the caller has rescaled huge inputs, see kernels/similarity.py);
     ``cols``/``rows`` shrink the tile (tests); ``tuned=False`` launches the first config
     without autotuning (offline report, tests), with ``split`` (when given) in place of its
-    SPLIT (one or two passes over the heads). A plan split into fp16 pairs
+    SPLIT (one or two passes over the heads); ``mask_bias`` (when given) masks invalid keys
+    by the logit bias wherever the scales allow (True) or nowhere (False), in place of
+    :func:`mask_bias_pays`' choice. A plan split into fp16 pairs
     (``plan.split16``) runs the ``f16x3`` dots whatever ``dot_prec`` says. ``timings`` (a
     list): one dict per launch appended (bucket ``LB``, ``texts``, ``images``, ``pairs``,
     ``kernel_s`` and ``global_s``, the pairwise global score's kernel (pair_global.py) after
@@ -1402,12 +1588,14 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     H, _, DH = img.Q.shape
     pending = []  # (record, marks) per launch, for ``timings``
     ahead = _AHEAD
+    if rows > TILE_ROWS or cols > TILE_COLS:  # the features' read slack covers TILE_ROWS / TILE_COLS
+        raise ValueError(f"rows = {rows}, cols = {cols}: the tiles take at most {TILE_ROWS} x {TILE_COLS}")
+    _check_read_slack(plan)
     if ahead is not None:  # compile_ahead: nothing is scored
         out.zero_()
     elif embed:
         _embed_global(out, gi, gt, u2)
     for b in plan.buckets:
-        meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, cols=cols, rows=rows)
         s_i2t, s_t2i, b_eps, vnorm, wnorm, lo_offsets = float(scale[0]), float(scale[1]), float(eps), img.norm, b.norm, (0,) * 4
         if plan.split16:
             # the tiles' logits carry A = sigma_v·sigma_w and their Γ products sigma_gam: the
@@ -1419,6 +1607,8 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
             vnorm = img.norm * (A / math.sqrt(sw.sigma_gam))
             wnorm = b.norm * (A / math.sqrt(sv.sigma_gam))
             lo_offsets = tuple(lo_plane_offset(t) for t in (img.Q, b.Q, img.gam, b.gam))  # see Split16
+        meta = tile_meta(plan, b, dot_prec=dot_prec, embed=embed, cols=cols, rows=rows, scale=(s_i2t, s_t2i),
+                         mask_bias=mask_bias)
         GI, GT = meta["GI"], meta["GT"]
         n_tt = triton.cdiv(b.Mb, GT)
         step = _aligned_chunk_step(GI, out, img)
@@ -1472,6 +1662,18 @@ def launch_tiles(plan: TilePlan, out: torch.Tensor, *, scale, u1: float, u2: flo
     for rec, (t0, t1, t2) in pending:  # read once every launch is queued: no synchronisation between them
         timings.append(dict(rec, kernel_s=_seconds(t0, t1), global_s=_seconds(t1, t2)))
     return out
+
+
+def _check_read_slack(plan: TilePlan) -> None:
+    """The tiles read past the end of each feature tensor (:func:`read_slack`): refuse a plan
+    whose tensors lack the slack (made elsewhere than in :func:`plan_tiles`) before any launch."""
+    for side in (plan.images, *plan.buckets):
+        for name in ("Q", "Kk", "O"):
+            t = getattr(side, name)
+            have = slack_after(t, lo_plane_offset(t) if side.split is not None else 0)
+            if have < read_slack(t.shape[-1]):
+                raise RuntimeError(f"tile plan: {type(side).__name__}.{name} has {have} elements after it, the tiles "
+                                   f"read up to {read_slack(t.shape[-1])}: make plans with plan_tiles")
 
 
 def _mark(dev: torch.device):

@@ -64,7 +64,15 @@ def test_paper_bf16_under_its_instruction_target(records):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "paper", "bf16")]
 
 
+def _triton_at_least(major, minor):
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
 def test_acf_code_bf16_under_its_instruction_target(records):
+    """Bucket 16. At bucket 32 (twice the tokens per pair) the tile takes 11.4 K warp-instructions
+    per pair (triton 3.9): a logit bias for the keys' masks (tiles.mask_bias_pays) brings it to
+    9.9 K but adds tensor-core work to a tile that tensor cores already bound, so it is not shipped
+    there."""
     for r in _at16(records, "acf-code"):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "acf-code", "bf16")]
 
@@ -73,9 +81,9 @@ def test_two_pass_acf_code_tiles_spend_under_one_percent_of_their_instructions_o
     """What spills are left in the tiles a GPU tries first sit once per tile or a few per head:
     the regions -> words means no longer stay live through the second pass (they did: 1.07 %
     at bucket 16, 72 spill instructions per tile and 23 in every head). That is triton 3.9's
-    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.3-2.7 %
-    (bench/results/kernels/kernel-report-sm90-triton3.6-*.json; 3.7: up to 3.0 %), bounded at 4 %."""
-    limit = 0.01 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 0.04
+    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.5-3.0 %
+    (bench/results/kernels/kernel-report-sm90-triton3.6-*.json), bounded at 4 %."""
+    limit = 0.01 if _triton_at_least(3, 9) else 0.04
     for (v, _, _, passes), r in records.items():
         if v == "acf-code" and passes == 2:
             assert r["spill_instructions_per_pair"] <= limit * r["warp_instructions_per_pair"], \
@@ -109,8 +117,9 @@ def test_leanest_acf_code_bf16_tiles_build_without_spills(records):
     the heads) keep every value in registers in triton 3.9's build, at both buckets: the
     images' Γv blocks are offset in int32 and the image tiles' count comes as an argument
     (16 B of spills at bucket 16 before). Triton 3.6 (the GPU machine's) still spills there
-    (128 / 312 B, from 216 / 328 B): bench/results/kernels/kernel-report-sm90-triton3.6-*.json."""
-    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+    (240 / 336 B; 128 / 312 B before the feature loads lost their masks, for 8 % / 3 % more
+    warp-instructions per pair): bench/results/kernels/kernel-report-sm90-triton3.6-*.json."""
+    if not _triton_at_least(3, 9):
         pytest.skip(f"triton {triton.__version__}: its ptxas input still spills these tiles (docstring)")
     for b in (16, 32):
         r = records[("acf-code", b, 1, 2)]
