@@ -139,7 +139,12 @@ def v2_expected_macs(m: dict) -> int:
         per_head += 2 * BR * BC * DHp
     if not m["FULL"]:
         # A·Γw (batched: one (BR, LB) x (LB, LB) per text), B·Γv (the Γ blocks are read, computed once per item)
-        per_head += (m["GT"] * BR * m["LB"] ** 2 if m["BATCHED_GW"] else BR * BC * BC) + BC * BR * BR
+        # (tiles.half_gw: two products of the column halves, each (BR, BC/2) x (BC/2, BC/2))
+        if m["BATCHED_GW"]:
+            p_gw = m["GT"] * BR * m["LB"] ** 2
+        else:
+            p_gw = BR * BC * BC // (2 if m["HALF_GW"] else 1)
+        per_head += p_gw + BC * BR * BR
     total = Hh * per_head * k
     # the keys' mask bias (tiles._add_mask_bias): one bf16 K = 16 product per biased direction and head
     total += Hh * ((m["MASK_I2T"] == "bias") + (m["MASK_T2I"] == "bias")) * BR * BC * 16
@@ -211,6 +216,8 @@ def v2_records(variants, dtypes, log, buckets=BUCKETS):
         rec["head_passes"] = 2 if m["SPLIT"] else 1
         rec["dots"] = "bf16" if r["dtype"] == "bf16" else m["DOT_PREC"]
         rec["batched_gw"] = m["BATCHED_GW"]  # p·Γw one small dot per text (tiles.batched_gw)
+        rec["half_gw"] = m["HALF_GW"]  # p·Γw two dots of the column halves (tiles.half_gw)
+        rec["mask_modes"] = [m["MASK_I2T"], m["MASK_T2I"]]  # how each direction masks its keys (tiles.mask_mode)
         recs.append(rec)
     return recs
 

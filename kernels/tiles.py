@@ -15,7 +15,8 @@ Block-diagonal Γ (z_o absent; the ``acf-code`` variant), ``FULL=False`` of :fun
     p   = exp(s·X − segment max)       per (region row, text) segment of LB columns
     num += Σ_seg p ⊙ (Ov_h Kwᵀ_h) / Σ_seg p
     Y   = p · Γw_blk                   (BR, BC)  Γw_blk = the texts' Kw_h Kwᵀ_h, zero between texts
-                                                 (8 texts of 16: one (BR, LB) · (LB, LB) per text, batched_gw)
+                                                 (8 texts of 16: one (BR, LB) · (LB, LB) per text, batched_gw;
+                                                 4 of 32: one product per column half, half_gw)
     nrm += Σ_seg p ⊙ Y / (Σ_seg p)²    = a Γw aᵀ with a = p / Σ p (spec §8)
 
 and the mirror image for words -> regions (queries = text tokens, segments = images).
@@ -227,6 +228,38 @@ def _gamma_form(att, att_lo, rows, RS: tl.constexpr, SEG: tl.constexpr, NX: tl.c
                 y = _dot3(xk, xk_lo, gk, gk_lo, y, DOT_PREC)
             out += _form_column(att, att_lo, rows, RS, SEG, NX, gam, gam_lo, GS, item_in, QC, TILE, F16X3, DOT_PREC, nc, y)
     return out
+
+
+@triton.jit
+def _p_gamma_halves(p, gam, lo_gam, texts_left, ST: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                    LB: tl.constexpr, H: tl.constexpr, F16X3: tl.constexpr, DOT_PREC: tl.constexpr):
+    """p Γw_blk, (BR, BC) fp32, for p (BR, GT, LB) fp32, as two products of its column halves,
+    each against its half of the block-diagonal Γw_blk (:func:`_tile_kernel`), which is zero
+    between the halves: half the tensor-core work of one (BR, BC) x (BC, BC) product. gam
+    (lo_gam: its F16X3 lo plane's offset): the Γw_h block (LB, LB) of the tile's first text,
+    the next texts' H·LB² elements apart; texts_left: the bucket's texts from the tile's
+    first on (blocks beyond them read as zeros)."""
+    HB: tl.constexpr = BC // 2
+    TH: tl.constexpr = HB // LB  # texts per half
+    ch = tl.arange(0, HB)
+    t = ch // LB
+    l = ch - t * LB
+    off = (t * (H * LB * LB) + l * LB)[:, None] + l[None, :]
+    same = t[:, None] == t[None, :]
+    left = texts_left.to(tl.int32)
+    a_in = same & (t < left)[:, None]
+    b_in = same & ((t + TH) < left)[:, None]
+    ga = tl.load(gam + off, mask=a_in, other=0.0)
+    ga_lo = _lo_plane(gam + lo_gam + off, a_in, ga, F16X3)
+    gb_at = gam + TH * (H * LB * LB)
+    gb = tl.load(gb_at + off, mask=b_in, other=0.0)
+    gb_lo = _lo_plane(gb_at + lo_gam + off, b_in, gb, F16X3)
+    pa, pb = tl.split(tl.permute(tl.reshape(p, (BR, 2, HB)), (0, 2, 1)))
+    pa_hi, pa_lo = _operand(pa, ST, F16X3)
+    pb_hi, pb_lo = _operand(pb, ST, F16X3)
+    ya = _dot3(pa_hi, pa_lo, ga, ga_lo, None, DOT_PREC)
+    yb = _dot3(pb_hi, pb_lo, gb, gb_lo, None, DOT_PREC)
+    return tl.reshape(tl.permute(tl.join(ya, yb), (0, 2, 1)), (BR, BC))
 
 
 @triton.jit
@@ -491,7 +524,8 @@ def _tile_kernel(
     FULL: tl.constexpr, SHARED_QK: tl.constexpr, O_IS_Q: tl.constexpr,
     PAIRWISE: tl.constexpr, EMBED: tl.constexpr, I64_HEADS: tl.constexpr,
     MASK_I2T: tl.constexpr, MASK_T2I: tl.constexpr,
-    DOT_PREC: tl.constexpr, BATCHED_GW: tl.constexpr, GROUP_I: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BATCHED_GW: tl.constexpr, HALF_GW: tl.constexpr, GROUP_I: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """S for tiles of GI images × GT texts; see the module docstring. Grid (programs,),
     each program walks tiles pid, pid + programs, ... (one tile each when the grid covers
@@ -618,7 +652,7 @@ def _tile_kernel(
                         wq_lo = _lo_plane_all((wq_ptr + hw + lo_w) + w_off, wq, F16X3)
                 if ps == 0:
                     # ---- regions -> words: rows = regions, segments = texts (LB columns each)
-                    if not FULL:
+                    if not FULL and not HALF_GW:
                         # Γw_blk: the bucket texts' Gram blocks (computed once per text), zero
                         # between texts. Loaded first: it goes to shared memory as a later
                         # dot's operand, so its registers are free before the logits are live.
@@ -656,6 +690,10 @@ def _tile_kernel(
                             pt2, pt2_lo = _operand(pt, wk.dtype, F16X3)
                             y = _dot3(pt2, pt2_lo, gw, gw_lo, None, DOT_PREC)  # one (BR, LB) x (LB, LB) per text
                             nrm_i += tl.sum(pt * y, axis=2) * tl.trans(inv * inv)
+                        elif HALF_GW:
+                            y = _p_gamma_halves(p, wgam_ptr + (t0 * H + h) * (LB * LB), lo_gw, Mb - t0, wk.dtype, BR,
+                                                BC, LB, H, F16X3, DOT_PREC)
+                            nrm_i += _quad_partials(p * tl.reshape(y, (BR, GT, LB)), BR, GT, LB) * (inv * inv)[:, :, None]
                         else:
                             p2, p2_lo = _operand(tl.reshape(p, (BR, BC)), wk.dtype, F16X3)
                             y = _dot3(p2, p2_lo, gw, gw_lo, None, DOT_PREC)
@@ -1328,10 +1366,10 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, QUAD_CHUNK),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
-                BATCHED_GW=batched_gw(full, GT, LB), I64_HEADS=i64_heads,
-                **{f"MASK_{d.upper()}": mask_mode(s, mask_bias_pays(d, full, batched_gw(full, GT, LB), dot_prec)
-                                                  if mask_bias is None else mask_bias)
-                   for d, s in (("i2t", scale[0]), ("t2i", scale[1]))})
+                BATCHED_GW=batched_gw(full, GT, LB), HALF_GW=half_gw(full, GT, LB), I64_HEADS=i64_heads,
+                **{f"MASK_{d}": mask_mode(s, mask_bias_pays(full, batched_gw(full, GT, LB), dot_prec)
+                                          if mask_bias is None else mask_bias)
+                   for d, s in (("I2T", scale[0]), ("T2I", scale[1]))})
 
 
 def mask_mode(s: float, bias_pays: bool = True) -> str:
@@ -1354,20 +1392,17 @@ def mask_bias_scale_ok(s: float) -> bool:
     return 2.0**-40 <= s <= 2.0**40
 
 
-def mask_bias_pays(direction: str, full: bool, batched: bool, dot_prec: str) -> bool:
-    """Whether a direction ("i2t" regions -> words, "t2i" words -> regions) masks its keys by
-    the logit bias where its scale lets it. The bias takes a select and a predicate per logit
-    off the issue slots but adds a K = 16 product per head (1/16 more tensor-core work per
-    direction): it pays only where a tile is issue-bound, which in the offline sm_90 build
-    (triton 3.9, bench/kernel_report.py's grid floors) is words -> regions in the bf16
-    block-diagonal tile with batched p·Γw (acf-code, bucket 16): its bucket's floor 0.674 ->
-    0.625 s. Elsewhere tensor cores bound the floor and the bias made it worse (bias in both
-    directions / none, with the unmasked feature loads of both):
-
-    - acf-code bf16, bucket 32: 0.410 / 0.386 s (9.9 K / 11.4 K warp-instructions per pair,
-      0 B of spills either way);
-    - acf-code fp32: 2.85 / 2.78 s; paper bf16: 2.32 / 2.27 s; paper fp32: 6.67 / 6.60 s."""
-    return direction == "t2i" and batched and not full and dot_prec == "tf32"
+def mask_bias_pays(full: bool, batched: bool, dot_prec: str) -> bool:
+    """Whether a tile masks its invalid keys by the logit bias (both directions, where the
+    scales let it). The bias takes a select and a predicate per logit off the issue slots but
+    adds a K = 16 product per head (1/16 more tensor-core work per direction): it pays only
+    where a tile is issue-bound, which in the offline sm_90 build (triton 3.9,
+    bench/kernel_report.py's grid floors, bias / select) is the bf16 block-diagonal tile with
+    batched p·Γw (acf-code, bucket 16): 0.584 / 0.674 s (5.8 K / 6.8 K warp-instructions per
+    pair, 68 / 0 B of spills). Elsewhere tensor cores bound the floor and the bias made it
+    worse: acf-code bf16, bucket 32, 0.362 / 0.338 s (9.9 K / 11.5 K warp-instructions per
+    pair); acf-code fp32 2.70 / 2.63 s; paper bf16 2.32 / 2.27 s; paper fp32 6.67 / 6.60 s."""
+    return batched and not full and dot_prec == "tf32"
 
 
 def batched_gw(full: bool, GT: int, LB: int) -> bool:
@@ -1389,6 +1424,18 @@ def batched_gw(full: bool, GT: int, LB: int) -> bool:
     over (bucket 32: GT = 4, 8 warps), and triton 3.9 issued 13 % more instructions (fp32,
     bucket 32); and only where its sides are dot-sized (LB >= 16)."""
     return not full and GT >= 8 and LB >= _MIN_DOT
+
+
+def half_gw(full: bool, GT: int, LB: int) -> bool:
+    """Whether the block-diagonal tile forms p Γw as two products of its column halves
+    (:func:`_p_gamma_halves`), half the tensor-core work of the tile-wide one: where the texts
+    are not batched (:func:`batched_gw`) and none straddles the halves, each at least a dot wide
+    (COCO's bucket 32: 4 texts of 32). Offline sm_90 build, bucket 32, triton 3.9: the tile's
+    tensor-core work -12.5 %, its warp-instructions per pair 11.4 K -> 11.5 K in bf16 (spills
+    0 -> 56 B, 25 spill instructions per pair, outside the loops over the heads) and 19.9 K ->
+    19.6 K in fp32 (600 -> 504 B); triton 3.6: bf16 11.9 K -> 11.6 K (336 -> 312 B), fp32
+    19.5 K -> 19.4 K (816 -> 780 B)."""
+    return not full and not batched_gw(full, GT, LB) and GT % 2 == 0 and GT * LB // 2 >= _MIN_DOT
 
 
 def hkp_of(H: int, K: int) -> int:

@@ -69,10 +69,9 @@ def _triton_at_least(major, minor):
 
 
 def test_acf_code_bf16_under_its_instruction_target(records):
-    """Bucket 16. At bucket 32 (twice the tokens per pair) the tile takes 11.4 K warp-instructions
-    per pair (triton 3.9): a logit bias for the keys' masks (tiles.mask_bias_pays) brings it to
-    9.9 K but adds tensor-core work to a tile that tensor cores already bound, so it is not shipped
-    there."""
+    """Bucket 16. At bucket 32 (twice the tokens per pair) the tile takes 11.5 K warp-instructions
+    per pair (triton 3.9): the keys' mask bias (tiles.mask_bias_pays) would bring it to 9.9 K
+    but adds tensor-core work to a tile that tensor cores bound, so it is not shipped there."""
     for r in _at16(records, "acf-code"):
         assert r["warp_instructions_per_pair"] <= kernel_report.TARGETS[("v2", "acf-code", "bf16")]
 
@@ -81,7 +80,7 @@ def test_two_pass_acf_code_tiles_spend_under_one_percent_of_their_instructions_o
     """What spills are left in the tiles a GPU tries first sit once per tile or a few per head:
     the regions -> words means no longer stay live through the second pass (they did: 1.07 %
     at bucket 16, 72 spill instructions per tile and 23 in every head). That is triton 3.9's
-    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.5-3.0 %
+    build; triton 3.6 (the GPU machine's) keeps more of them in the loops: 0.7-2.2 %
     (bench/results/kernels/kernel-report-sm90-triton3.6-*.json), bounded at 4 %."""
     limit = 0.01 if _triton_at_least(3, 9) else 0.04
     for (v, _, _, passes), r in records.items():
@@ -112,18 +111,19 @@ def test_fp32_acf_code_tile_is_f16x3_on_wgmma_at_under_two_and_a_half_bf16_tiles
         f"{r['warp_instructions_per_pair']:.0f} vs bf16 {bf16['warp_instructions_per_pair']:.0f}"
 
 
-def test_leanest_acf_code_bf16_tiles_build_without_spills(records):
+def test_leanest_acf_code_bf16_tiles_spill_little(records):
     """acf-code's bf16 tiles in the configuration a GPU tries first (one stage, two passes over
-    the heads) keep every value in registers in triton 3.9's build, at both buckets: the
-    images' Γv blocks are offset in int32 and the image tiles' count comes as an argument
-    (16 B of spills at bucket 16 before). Triton 3.6 (the GPU machine's) still spills there
-    (240 / 336 B; 128 / 312 B before the feature loads lost their masks, for 8 % / 3 % more
-    warp-instructions per pair): bench/results/kernels/kernel-report-sm90-triton3.6-*.json."""
+    the heads), triton 3.9's build: at most 80 B spilled, under 0.5 % of the instructions. They
+    spilled nothing before the keys' mask bias at bucket 16 (68 B with it, for 15 % fewer
+    instructions per pair) and p·Γw's column halves at bucket 32 (56 B, for 12.5 % less
+    tensor-core work); the floors over the COCO grid went 1.07 -> 0.92 s. Triton 3.6 (the GPU
+    machine's) spills more there: bench/results/kernels/kernel-report-sm90-triton3.6-*.json."""
     if not _triton_at_least(3, 9):
-        pytest.skip(f"triton {triton.__version__}: its ptxas input still spills these tiles (docstring)")
+        pytest.skip(f"triton {triton.__version__}: its ptxas input spills these tiles more (docstring)")
     for b in (16, 32):
         r = records[("acf-code", b, 1, 2)]
-        assert r["spill_bytes"] == 0 and r["spill_instructions_per_pair"] == 0, (b, r["spill_bytes"])
+        assert r["spill_bytes"] <= 80 and r["spill_instructions_per_pair"] <= 0.005 * r["warp_instructions_per_pair"], \
+            (b, r["spill_bytes"], r["spill_instructions_per_pair"])
 
 
 @pytest.mark.xfail(strict=True, reason="8-warp bf16 tiles still spill up to 0.5 KB per thread (triton 3.9: acf-code "

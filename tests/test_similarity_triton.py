@@ -117,6 +117,21 @@ def test_block_diagonal_tiles_batch_p_gamma_w_only_with_a_text_per_warp():
     assert not meta(8, cols=64)["BATCHED_GW"]
 
 
+def test_unbatched_block_diagonal_tiles_split_p_gamma_w_into_column_halves():
+    """tiles.half_gw: p·Γw as two products of the tile's column halves (zero between them in
+    the block-diagonal Γw) where no text straddles them: COCO's bucket 32 (4 texts of 32) and
+    the interpreter tiles of TILE_CASES with two texts per tile (acf-code, acf-one-bucket, ...);
+    not with one text per tile, nor batched, nor for full Γ."""
+    def meta(LB, full=False, cols=128):
+        return tiles.tile_constexprs(8, 128, 40, LB, full=full, shared_qk=True, o_is_q=True, pairwise=False,
+                                     embed=True, HKP=320, dot_prec="tf32", cols=cols)
+
+    assert meta(32)["HALF_GW"] and meta(64)["HALF_GW"] and meta(16, cols=32)["HALF_GW"]
+    assert not meta(16)["HALF_GW"]  # batched
+    assert not meta(128)["HALF_GW"] and not meta(32, cols=32)["HALF_GW"]  # one text per tile
+    assert not meta(32, full=True)["HALF_GW"]
+
+
 def test_image_rows_pad_to_16_byte_rows_only_when_the_tile_keeps_its_shape():
     assert [tiles.image_rows(k) for k in (36, 40, 7, 43, 42, 3, 128)] == [40, 40, 8, 48, 42, 3, 128]
     assert tiles.image_tile_shape(40) == tiles.image_tile_shape(36) == (3, 128)
