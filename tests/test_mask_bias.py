@@ -27,6 +27,8 @@ CASES = [
     ("acf-code", "acf-code", None, (7, 9, 6, 20), (16, 32)),
     ("paper", "paper", ALL_WEIGHTS, (7, 9, 6, 20), (16, 32)),
     ("local-zo", "local", ("z_o",), (5, 7, 6, 20), (16, 32)),  # O != Q: the numerators from their own dot
+    # 8 texts of bucket 16 per 128-column tile: batched p·Γw, where the GPU's bf16 tile ships the bias
+    ("acf-code-8-texts", "acf-code", None, (5, 19, 5, 20), (16, 128)),
 ]
 
 # (s_i2t, s_t2i) and the masking modes (MASK_I2T, MASK_T2I) they get with mask_bias=True
