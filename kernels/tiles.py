@@ -58,36 +58,35 @@ _BIAS_BF16: tl.constexpr = tl.constexpr(not _INTERPRET)
 
 
 @triton.jit
-def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr, SIGNED: tl.constexpr):
-    """x (BR, GT*LB) fp32 raw logits; valid3 (1, GT, LB) bool; c = s·log2(e), > 0 unless
-    SIGNED (any sign: scaled first, one FMUL per logit more).
+def _seg_softmax_cols(x, valid3, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr, MODE: tl.constexpr):
+    """x (BR, GT*LB) fp32 logits; valid3 (1, GT, LB) bool; c = s·log2(e); MODE how invalid
+    columns are masked (:func:`mask_mode`): "select" (c > 0), "signed" (c of any sign: scaled
+    first, one FMUL per logit more) or "bias" (c > 0; x already carries the keys' mask bias,
+    :func:`_add_mask_bias`: no select, valid3 unused, and every segment's sum is at least 1,
+    its largest weight being exp2(0), so no guard either).
 
     Returns (p (BR, GT, LB) fp32 unnormalised exp2 weights, 0 at invalid columns;
     inv (BR, GT) fp32 the reciprocals of the segment sums, 1 where a segment has no valid
     column). One reciprocal per segment: its users multiply, where a division per use was
     a range check, a reciprocal and a fix-up each."""
-    if SIGNED:
-        x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)) * c, float("-inf"))
+    x3 = tl.reshape(x, (BR, GT, LB))
+    if MODE == "signed":
+        x3 = tl.where(valid3, x3 * c, float("-inf"))
         m = tl.max(x3, axis=2)
         p = tl.exp2(x3 - tl.where(m == float("-inf"), 0.0, m)[:, :, None])
     else:
-        x3 = tl.where(valid3, tl.reshape(x, (BR, GT, LB)), float("-inf"))
-        m = tl.max(x3, axis=2)
-        m = tl.where(m == float("-inf"), 0.0, m * c)
-        p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; exp2(-inf) = 0 at invalid columns
+        if MODE == "select":
+            x3 = tl.where(valid3, x3, float("-inf"))
+            m = tl.max(x3, axis=2)
+            m = tl.where(m == float("-inf"), 0.0, m * c)
+        else:
+            m = tl.max(x3, axis=2) * c
+        p = tl.exp2(x3 * c - m[:, :, None])  # one FFMA; 0 at invalid columns (-inf, or x ~ MASK_BIAS)
     ssum = tl.sum(p, axis=2)
-    return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
-
-
-@triton.jit
-def _seg_softmax_cols_biased(x, c, BR: tl.constexpr, GT: tl.constexpr, LB: tl.constexpr):
-    """:func:`_seg_softmax_cols` for logits x that already carry the keys' mask bias
-    (:func:`_add_mask_bias`): no select per element, and every segment's sum is at least 1
-    (its largest weight is exp2(0)), so no guard either. c > 0 (the launcher's condition)."""
-    x3 = tl.reshape(x, (BR, GT, LB))
-    m = tl.max(x3, axis=2) * c
-    p = tl.exp2(x3 * c - m[:, :, None])  # exactly 0 at invalid columns: x there is ~ MASK_BIAS
-    return p, 1.0 / tl.sum(p, axis=2)
+    if MODE == "bias":
+        return p, 1.0 / ssum
+    else:
+        return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
 
 
 @triton.jit
@@ -294,49 +293,38 @@ def _image_counts(vmask_ptr, i0, N, slot_i, GI: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr, SIGNED: tl.constexpr):
-    """x (BC, BR) fp32 raw logits; seg (BR,) int32 image slot of each column; valid (BR,)
-    bool; c = s·log2(e), > 0 unless SIGNED (as :func:`_seg_softmax_cols`). Segments are the
+def _seg_softmax_rowsegs(x, seg, valid, c, GI: tl.constexpr, GIP: tl.constexpr, MODE: tl.constexpr):
+    """x (BC, BR) fp32 logits; seg (BR,) int32 image slot of each column; valid (BR,) bool;
+    c = s·log2(e); MODE as :func:`_seg_softmax_cols` ("bias": valid unused). Segments are the
     GI images of the tile (K columns each, not a power of two, hence masked passes).
 
-    Returns (p (BC, BR) unnormalised, 0 at invalid columns; inv (BC, GIP) the reciprocals
-    of the segment sums, 1 where a segment has no valid column)."""
-    if SIGNED:
+    Returns (p (BC, BR) unnormalised, 0 at invalid columns, and with the bias also at the
+    tile's padded rows beyond its GI images, in no segment (m = 0 there), which Γv's zero
+    rows then meet in the B·Γv product; inv (BC, GIP) the reciprocals of the segment sums,
+    1 where a segment has no valid column, as in the slots beyond GI)."""
+    if MODE == "signed":
         xm = tl.where(valid[None, :], x * c, float("-inf"))
-    else:
+    elif MODE == "select":
         xm = tl.where(valid[None, :], x, float("-inf"))
+    else:
+        xm = x
     m_el = tl.zeros_like(x)
     for g in tl.static_range(GI):
         in_g = (seg == g)[None, :]
         mg = tl.max(tl.where(in_g, xm, float("-inf")), axis=1)
-        if SIGNED:
+        if MODE == "signed":
             mg = tl.where(mg == float("-inf"), 0.0, mg)
-        else:
+        elif MODE == "select":
             mg = tl.where(mg == float("-inf"), 0.0, mg * c)
+        else:
+            mg = mg * c
         m_el = tl.where(in_g, mg[:, None], m_el)
-    if SIGNED:
+    if MODE == "signed":
         p = tl.exp2(xm - m_el)
     else:
         p = tl.exp2(xm * c - m_el)  # exp2(-inf) = 0 at invalid columns
     ssum = _seg_sum_cols(p, seg, GI, GIP)
     return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)
-
-
-@triton.jit
-def _seg_softmax_rowsegs_biased(x, seg, c, GI: tl.constexpr, GIP: tl.constexpr):
-    """:func:`_seg_softmax_rowsegs` for logits x that already carry the keys' mask bias
-    (:func:`_add_mask_bias`; c > 0): no select of the valid columns, and no guard for
-    segments without one."""
-    m_el = tl.zeros_like(x)
-    for g in tl.static_range(GI):
-        in_g = (seg == g)[None, :]
-        mg = tl.max(tl.where(in_g, x, float("-inf")), axis=1) * c
-        m_el = tl.where(in_g, mg[:, None], m_el)
-    # 0 at invalid columns, also at the tile's padded rows beyond its GI images, in no
-    # segment (m_el = 0 there), which Γv's zero rows then meet in the B·Γv product
-    p = tl.exp2(x * c - m_el)
-    ssum = _seg_sum_cols(p, seg, GI, GIP)
-    return p, 1.0 / tl.where(ssum > 0.0, ssum, 1.0)  # 0 only in the slots beyond GI
 
 
 @triton.jit
@@ -661,9 +649,7 @@ def _tile_kernel(
                     x = _dot3(vq, vq_lo, tl.trans(wk), tl.trans(wk_lo), None, DOT_PREC)
                     if MASK_I2T == "bias":
                         x = _add_mask_bias(x, wmask_ptr + t0 * LB, c, col_in)
-                        p, inv = _seg_softmax_cols_biased(x, c_i2t, BR, GT, LB)
-                    else:
-                        p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB, MASK_I2T == "signed")
+                    p, inv = _seg_softmax_cols(x, w_valid3, c_i2t, BR, GT, LB, MASK_I2T)
                     if O_IS_Q:
                         xn = x
                     else:
@@ -721,9 +707,7 @@ def _tile_kernel(
                     xt = _dot3(wq, wq_lo, tl.trans(vk), tl.trans(vk_lo), None, DOT_PREC)
                     if MASK_T2I == "bias":
                         xt = _add_mask_bias(xt, vmask_ptr + i0 * K, r, row_in)
-                        q, qinv = _seg_softmax_rowsegs_biased(xt, img_r, c_t2i, GI, GIP)
-                    else:
-                        q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP, MASK_T2I == "signed")
+                    q, qinv = _seg_softmax_rowsegs(xt, img_r, v_valid, c_t2i, GI, GIP, MASK_T2I)
                     if O_IS_Q:
                         xtn = xt
                     else:
@@ -999,14 +983,15 @@ def read_slack(dh: int) -> int:
     return max(TILE_ROWS, TILE_COLS) * dh
 
 
-def _slack_empty(shape, dtype: torch.dtype, device, planes: int = 1) -> torch.Tensor:
-    """An uninitialised contiguous tensor of ``shape`` (.., dh) followed in its storage by
-    read_slack(dh) zeros; ``planes=2``: (2, *shape), the planes of :func:`split16_planes`
-    (the second :func:`lo_plane_offset` elements after the first), the zeros after the second."""
+def _empty_planes(shape, dtype: torch.dtype, device, *, planes: int = 1, slack: int = 0) -> torch.Tensor:
+    """Uninitialised contiguous ``shape`` tensors in one buffer: ``planes=1`` the tensor,
+    ``planes=2`` (2, *shape), the planes of :func:`split16_planes` (the second
+    :func:`lo_plane_offset` elements after the first); ``slack`` zero elements (at least)
+    after the last (:func:`read_slack`)."""
     n = math.prod(shape)
     off = _plane_offset(n)
     end = off * (planes - 1) + n
-    buf = torch.empty(end + read_slack(shape[-1]), dtype=dtype, device=device)
+    buf = torch.empty(off * planes + slack, dtype=dtype, device=device)
     buf[end:].zero_()
     if planes == 1:
         return buf[:n].view(shape)
@@ -1024,7 +1009,7 @@ def _heads_major(x: torch.Tensor, dh: int, st: torch.dtype) -> torch.Tensor:
     """(n, H, T, d) -> (H, n*T, dh) contiguous in ``st``, with the read slack after it; d padded
     with zeros to dh."""
     n, H, T, d = x.shape
-    out = _slack_empty((H, n * T, dh), st, x.device)
+    out = _empty_planes((H, n * T, dh), st, x.device, slack=read_slack(dh))
     out4 = out.view(H, n, T, dh)
     out4[..., :d].copy_(x.transpose(0, 1))
     out4[..., d:].zero_()
@@ -1048,8 +1033,8 @@ def _cat_sides(parts, dim_items):
             continue
         ts = [getattr(p, name) for p in parts]
         H, _, dh = ts[0].shape
-        out[name] = torch.cat(ts, dim=1, out=_slack_empty((H, sum(t.shape[1] for t in ts), dh), ts[0].dtype,
-                                                          ts[0].device))
+        out[name] = torch.cat(ts, dim=1, out=_empty_planes((H, sum(t.shape[1] for t in ts), dh), ts[0].dtype,
+                                                           ts[0].device, slack=read_slack(dh)))
     out["Kk"] = out.get("Kk", out["Q"])
     out["O"] = out.get("O", out["Q"])
     for name in dim_items:
@@ -1262,21 +1247,16 @@ def _plane_offset(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def split16_planes(x: torch.Tensor, sigma: float, *, slack: bool = False) -> torch.Tensor:
+def split16_planes(x: torch.Tensor, sigma: float, *, slack: int = 0) -> torch.Tensor:
     """x float32 -> (2, *x.shape) fp16, each plane contiguous: hi = fp16(sigma·x), lo =
     fp16((sigma·x - hi)·2048), so that hi + lo/2048 = sigma·x to ~2^-22 relative, as tf32x3's
     split (whose tf32 keeps fp32's exponent range; fp16 needs the scaling). The lo plane
-    starts :func:`lo_plane_offset` elements after the hi plane; ``slack``: the read slack of
-    tile features follows it (:func:`read_slack`). With sigma from :func:`split16_scale`
+    starts :func:`lo_plane_offset` elements after the hi plane, and ``slack`` zeros follow
+    it (tile features: :func:`read_slack`). With sigma from :func:`split16_scale`
     nothing overflows, and values down to ~2^-37 of the largest keep their precision (the lo
     part's 2048 reaches below fp16's normals)."""
     xs = (x.float() * sigma).contiguous()
-    if slack:
-        planes = _slack_empty(tuple(x.shape), torch.float16, x.device, planes=2)
-    else:
-        off = lo_plane_offset(xs)
-        planes = torch.empty(2 * off, dtype=torch.float16, device=x.device).as_strided((2, *x.shape),
-                                                                                      (off, *xs.stride()))
+    planes = _empty_planes(tuple(x.shape), torch.float16, x.device, planes=2, slack=slack)
     split16_into(planes[0], planes[1], xs)
     return planes
 
@@ -1303,9 +1283,10 @@ def _split_side(side):
     if max(amax * sigma, amax_gam * sigma_gam) > F16X3_MAX:
         raise ValueError(f"features up to |x| = {amax:.3g} (Γ {amax_gam:.3g}) are too large for the fp32 tiles' fp16 "
                          "pairs: divide them down first (acf_similarity does, see with_magnitude_scaling)")
-    Q = split16_planes(side.Q, sigma, slack=True)[0]  # views of the hi planes; the lo planes follow them
-    Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma, slack=True)[0]
-    O = Q if side.O is side.Q else split16_planes(side.O, sigma, slack=True)[0]
+    slack = read_slack(side.Q.shape[-1])
+    Q = split16_planes(side.Q, sigma, slack=slack)[0]  # views of the hi planes; the lo planes follow them
+    Kk = Q if side.Kk is side.Q else split16_planes(side.Kk, sigma, slack=slack)[0]
+    O = Q if side.O is side.Q else split16_planes(side.O, sigma, slack=slack)[0]
     gam = split16_planes(side.gam, sigma_gam)[0]
     return dataclasses.replace(side, Q=Q, Kk=Kk, O=O, gam=gam, split=Split16(sigma, sigma_gam))
 
@@ -1363,16 +1344,16 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     GT = BC // LB
     GIP = triton.next_power_of_2(GI)
     PP = max(PAIR_ROWS, GIP * GT)
+    batched = batched_gw(full, GT, LB)
     return dict(H=H, DH=DH, K=K, LB=LB, GI=GI, GIP=GIP, GT=GT, BR=BR, BC=BC,
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, QUAD_CHUNK),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
-                BATCHED_GW=batched_gw(full, GT, LB), HALF_GW=half_gw(full, GT, LB), I64_HEADS=i64_heads,
-                **{f"MASK_{d}": mask_mode(s, mask_bias_pays(full, batched_gw(full, GT, LB), dot_prec)
-                                          if mask_bias is None else mask_bias)
+                BATCHED_GW=batched, HALF_GW=half_gw(full, batched, GT, LB), I64_HEADS=i64_heads,
+                **{f"MASK_{d}": mask_mode(s, mask_bias_pays(full, batched, dot_prec) if mask_bias is None else mask_bias)
                    for d, s in (("I2T", scale[0]), ("T2I", scale[1]))})
 
 
-def mask_mode(s: float, bias_pays: bool = True) -> str:
+def mask_mode(s: float, bias_pays: bool) -> str:
     """How a direction with softmax scale ``s`` (as the tile gets it) masks its invalid keys:
     "bias" where the scale lets the bias mask them (:func:`mask_bias_scale_ok`) and it pays,
     else "select" for s > 0, "signed" (one multiply per logit more) for s <= 0."""
@@ -1426,16 +1407,16 @@ def batched_gw(full: bool, GT: int, LB: int) -> bool:
     return not full and GT >= 8 and LB >= _MIN_DOT
 
 
-def half_gw(full: bool, GT: int, LB: int) -> bool:
+def half_gw(full: bool, batched: bool, GT: int, LB: int) -> bool:
     """Whether the block-diagonal tile forms p Γw as two products of its column halves
     (:func:`_p_gamma_halves`), half the tensor-core work of the tile-wide one: where the texts
-    are not batched (:func:`batched_gw`) and none straddles the halves, each at least a dot wide
+    are not ``batched`` (:func:`batched_gw`) and none straddles the halves, each at least a dot wide
     (COCO's bucket 32: 4 texts of 32). Offline sm_90 build, bucket 32, triton 3.9: the tile's
     tensor-core work -12.5 %, its warp-instructions per pair 11.4 K -> 11.5 K in bf16 (spills
     0 -> 56 B, 25 spill instructions per pair, outside the loops over the heads) and 19.9 K ->
     19.6 K in fp32 (600 -> 504 B); triton 3.6: bf16 11.9 K -> 11.6 K (336 -> 312 B), fp32
     19.5 K -> 19.4 K (816 -> 780 B)."""
-    return not full and not batched_gw(full, GT, LB) and GT % 2 == 0 and GT * LB // 2 >= _MIN_DOT
+    return not full and not batched and GT % 2 == 0 and GT * LB // 2 >= _MIN_DOT
 
 
 def hkp_of(H: int, K: int) -> int:

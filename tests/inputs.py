@@ -112,6 +112,40 @@ def reference(case: dict) -> torch.Tensor:
     return reference_similarity(c.pop("V"), c.pop("v_mask"), c.pop("W"), c.pop("w_mask"), **c)
 
 
+def checked(case: dict):
+    """check_similarity_inputs on a case: (v_mask, w_mask, weights, scale)."""
+    from acf_fast.validate import check_similarity_inputs
+
+    return check_similarity_inputs(
+        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
+        u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
+
+
+def tile_plan(case: dict, st=torch.float32):
+    """The Triton tiles' plan of a case (kernels/tiles.plan_tiles) and its checked scale."""
+    from acf_fast.kernels import tiles
+
+    v_mask, w_mask, weights, scale = checked(case)
+    plan = tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
+                            G=case.get("G"), st=st)
+    return plan, scale
+
+
+def launch_tile_plan(case: dict, out: torch.Tensor, plan=None, **kw) -> torch.Tensor:
+    """kernels/tiles.launch_tiles of a case into ``out`` (its fp32 plan unless ``plan`` is given);
+    ``kw`` go to launch_tiles."""
+    from acf_fast.kernels import tiles
+
+    if plan is None:
+        plan, scale = tile_plan(case)
+    else:
+        scale = checked(case)[3]
+    ge = case.get("global_emb")
+    return tiles.launch_tiles(plan, out, scale=scale, u1=case["u1"], u2=case["u2"],
+                              gi=None if ge is None else ge[0].float().contiguous(),
+                              gt=None if ge is None else ge[1].float().contiguous(), **kw)
+
+
 def authors_case(N: int, M: int, K: int, L: int, D: int, seed: int):
     """Inputs in the authors' release layout: V (N, K, D) all regions valid, W (M, L, D)
     unnormalised (as their code leaves it), captions valid in a prefix of ``lens`` rows

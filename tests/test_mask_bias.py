@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from acf_fast.kernels import tiles
-from acf_fast.validate import check_similarity_inputs
-from inputs import ALL_WEIGHTS, make_case, reference, score
+from inputs import ALL_WEIGHTS, launch_tile_plan, make_case, reference, score, tile_plan
 from tolerances import assert_scores_close
 
 # id, variant, weights, (N, M, K, L), (rows, cols): 7 images of 6 regions (laid out as 8) in tiles
@@ -48,20 +47,9 @@ def _case(name, variant, wnames, shape, seed=11, scale=None):
     return case
 
 
-def _plan_and_args(case):
-    v_mask, w_mask, weights, scale = check_similarity_inputs(
-        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
-        u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"),
-        global_emb=case.get("global_emb"))
-    plan = tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
-                            G=case.get("G"), st=torch.float32)
-    ge = case.get("global_emb")
-    kw = dict(scale=scale, u1=case["u1"], u2=case["u2"], gi=None if ge is None else ge[0].float().contiguous(),
-              gt=None if ge is None else ge[1].float().contiguous())
-    return plan, kw
-
-
-def _run(plan, kw, N, M, tile, monkeypatch=None, seen=None, mask_bias=None):
+def _run(case, plan, tile, monkeypatch=None, seen=None, mask_bias=None):
+    """S of ``case`` from ``plan`` on (rows, cols) = ``tile``; ``seen`` collects the launches'
+    (MASK_I2T, MASK_T2I)."""
     if seen is not None:
         meta_of = tiles.tile_meta
 
@@ -71,8 +59,8 @@ def _run(plan, kw, N, M, tile, monkeypatch=None, seen=None, mask_bias=None):
             return m
 
         monkeypatch.setattr(tiles, "tile_meta", recording)
-    out = torch.full((N, M), float("nan"))
-    return tiles.launch_tiles(plan, out, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], mask_bias=mask_bias, **kw)
+    out = torch.full((case["V"].shape[0], case["W"].shape[0]), float("nan"))
+    return launch_tile_plan(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], mask_bias=mask_bias)
 
 
 @pytest.mark.parametrize("bias", [True, None], ids=["bias", "chosen"])
@@ -81,9 +69,9 @@ def _run(plan, kw, N, M, tile, monkeypatch=None, seen=None, mask_bias=None):
 def test_bias_and_select_paths_match_float64_reference(name, variant, wnames, shape, tile, scale, flags, bias,
                                                        monkeypatch):
     case = _case(name, variant, wnames, shape, scale=scale)
-    plan, kw = _plan_and_args(case)
+    plan, _ = tile_plan(case)
     seen = set()
-    S = _run(plan, kw, shape[0], shape[1], tile, monkeypatch, seen, mask_bias=bias)
+    S = _run(case, plan, tile, monkeypatch, seen, mask_bias=bias)
     # every launch (two buckets) took the paths the scales call for; the fp32 tiles (f16x3,
     # tensor-core bound) take no bias unless told
     if bias is None:
@@ -153,24 +141,24 @@ def test_reads_past_the_last_item_change_no_score(name, variant, wnames, shape, 
     meets Γ's zero rows: NaN · 0), which shows that the slack is read, and why plans keep it
     zero."""
     case = _case(name, variant, wnames, shape)
-    plan, kw = _plan_and_args(case)
+    plan, _ = tile_plan(case)
     for t, lo in _feature_tensors(plan):
         assert tiles.slack_after(t, lo) >= tiles.read_slack(t.shape[-1])
     ref = reference(case)
     for bias in (True, False):  # both ways of masking the keys: the bias product, the select
-        clean = _run(plan, kw, shape[0], shape[1], tile, mask_bias=bias)
+        clean = _run(case, plan, tile, mask_bias=bias)
         assert_scores_close(clean, ref, torch.float32, f"{name} bias={bias}")
         _fill_slack(plan, 3.0e4)
-        assert torch.equal(_run(plan, kw, shape[0], shape[1], tile, mask_bias=bias), clean), bias
+        assert torch.equal(_run(case, plan, tile, mask_bias=bias), clean), bias
         if bias:
             _fill_slack(plan, float("nan"))
-            assert not torch.equal(_run(plan, kw, shape[0], shape[1], tile, mask_bias=bias), clean)
+            assert not torch.equal(_run(case, plan, tile, mask_bias=bias), clean)
             _fill_slack(plan, 0.0)
 
 
 def test_a_plan_without_read_slack_is_refused_before_anything_is_written():
     case = _case("acf-code", "acf-code", None, (3, 4, 6, 20))
-    plan, kw = _plan_and_args(case)
+    plan, _ = tile_plan(case)
     # a hi plane whose lo plane ends its storage: what a plan made elsewhere than plan_tiles may hold
     hi = plan.images.Q
     lo_off = tiles.lo_plane_offset(hi)
@@ -182,8 +170,8 @@ def test_a_plan_without_read_slack_is_refused_before_anything_is_written():
     images = dataclasses.replace(plan.images, Q=bare_q, Kk=bare_q, O=bare_q)
     out = torch.full((3, 4), 7.0)
     with pytest.raises(RuntimeError, match="TileImages.Q has 0 elements after it"):
-        tiles.launch_tiles(dataclasses.replace(plan, images=images), out, **kw)
+        launch_tile_plan(case, out, dataclasses.replace(plan, images=images))
     assert bool((out == 7.0).all())
     with pytest.raises(ValueError, match="rows = 256"):
-        tiles.launch_tiles(plan, out, rows=256, **kw)
+        launch_tile_plan(case, out, plan, rows=256)
     assert bool((out == 7.0).all())

@@ -21,7 +21,7 @@ from acf_fast import acf_similarity
 from acf_fast.kernels import pair_v1, tiles
 from acf_fast.kernels import similarity as ks
 from acf_fast.validate import check_similarity_inputs
-from inputs import ALL_WEIGHTS, make_case, reference, score
+from inputs import ALL_WEIGHTS, checked, launch_tile_plan, make_case, reference, score, tile_plan
 from tolerances import assert_grad_close, assert_scores_close
 
 # ------------------------------------------------------------------ forward vs reference
@@ -47,31 +47,6 @@ def test_forward_matches_float64reference(name, shape, variant, wnames, masks, D
     ref = reference(case)
     assert ref.std() > 1e-3  # scores vary across the grid: the comparison can fail
     assert_scores_close(S, ref, torch.float32, name)
-
-
-def _checked(case):
-    """check_similarity_inputs on a case: (v_mask, w_mask, weights, scale)."""
-    return check_similarity_inputs(
-        case["V"], case["v_mask"], case["W"], case["w_mask"], heads=case["heads"], scale=case["scale"],
-        u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
-
-
-def _plan(case, st=torch.float32):
-    v_mask, w_mask, weights, scale = _checked(case)
-    plan = tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
-                            G=case.get("G"), st=st)
-    return plan, scale
-
-
-def _launch(case, out, plan=None, **kw):
-    if plan is None:
-        plan, scale = _plan(case)
-    else:
-        scale = _checked(case)[3]
-    ge = case.get("global_emb")
-    return tiles.launch_tiles(plan, out, scale=scale, u1=case["u1"], u2=case["u2"],
-                              gi=None if ge is None else ge[0].float().contiguous(),
-                              gt=None if ge is None else ge[1].float().contiguous(), **kw)
 
 
 def _hard_masks(case, gen):
@@ -143,11 +118,11 @@ def test_full_gamma_images_padded_to_40_rows_keep_their_blocks():
     """The paper layout of 36-region images pads each head's rows to 40: Γv row h·40 + k is
     the precompute's row h·36 + k, zero in the padding, and the padded rows are masked."""
     case = make_case(2, 3, 36, 5, D=32, H=8, variant="paper", seed=5)
-    plan, _ = _plan(case)
+    plan, _ = tile_plan(case)
     img = plan.images
     assert img.K == 40 and img.gam.shape == (2, 320, 320)
     from acf_fast.precompute import precompute_items
-    v_mask, _, weights, _ = _checked(case)
+    v_mask, _, weights, _ = checked(case)
     side = precompute_items(case["V"], v_mask, weights, 8, role="image", pairwise_global=False)
     g = tiles.split16_planes(side.gram, img.split.sigma_gam)[0].view(2, 8, 36, 8, 36)
     got = img.gam.view(2, 8, 40, 8, 40)
@@ -167,11 +142,11 @@ def test_tiles_againstreference(name, variant, wnames, shape, DH, tile, buckets,
     case = make_case(N, M, K, L, D=DH[0], H=DH[1], variant=variant, weights=wnames or (), seed=N + M,
                      device=device)
     case = _hard_masks(case, gen)
-    plan, _ = _plan(case)
+    plan, _ = tile_plan(case)
     assert len(plan.buckets) == (1 if len(buckets) == 2 else len({tiles.bucket_of(n, buckets) for n in
                                                                    case["w_mask"].sum(1).tolist()}))
     out = torch.full((N, M), float("nan"), device=device)
-    _launch(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1])
+    launch_tile_plan(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1])
     assert torch.isfinite(out).all(), "some S[i, j] was never written"
     assert_scores_close(out, reference(case), torch.float32, name)
 
@@ -189,7 +164,7 @@ def test_tiles_in_one_pass_over_the_heads(name, variant, wnames, shape, DH, tile
     case = _hard_masks(make_case(N, M, K, L, D=DH[0], H=DH[1], variant=variant, weights=wnames or (), seed=N + M,
                                  device=device), gen)
     out = torch.full((N, M), float("nan"), device=device)
-    _launch(case, out, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], tuned=False, split=False)
+    launch_tile_plan(case, out, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1], tuned=False, split=False)
     assert torch.isfinite(out).all(), "some S[i, j] was never written"
     assert_scores_close(out, reference(case), torch.float32, name + " one pass")
 
@@ -223,7 +198,7 @@ def test_fp32_tiles_refuse_features_their_fp16_pairs_cannot_hold(device):
     caller of the tiles gets a clear error instead of fp16 infinities."""
     case = make_case(3, 4, 6, 5, D=32, H=2, variant="acf-code", seed=3, device=device)
     with pytest.raises(ValueError, match="too large for the fp32 tiles' fp16 pairs"):
-        _plan(dict(case, V=case["V"] * 1e17))
+        tile_plan(dict(case, V=case["V"] * 1e17))
 
 
 F16X3_CASES = [TILE_CASES[5], TILE_CASES[1], TILE_CASES[4]]  # acf-code K = 36, full Γ + pairwise, block-diagonal + pairwise
@@ -241,10 +216,10 @@ def test_fp32_tiles_run_f16x3_at_22_bits(name, variant, wnames, shape, DH, tile,
     N, M, K, L = shape
     case = make_case(N, M, K, L, D=DH[0], H=DH[1], variant=variant, weights=wnames or (), seed=11, device=device)
     case = dict(case, V=case["V"] * mags[0], W=case["W"] * mags[1])
-    plan, _ = _plan(case)
+    plan, _ = tile_plan(case)
     assert plan.split16 and plan.images.Q.dtype == plan.buckets[0].gam.dtype == torch.float16
     out = torch.full((N, M), float("nan"), device=device)
-    _launch(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1])
+    launch_tile_plan(case, out, plan, rows=tile[0], cols=tile[1], global_pairs=2 * tile[1])
     ref = reference(case)
     assert ref.std() > 1e-2
     err = (out.double().cpu() - ref.double().cpu()).abs().max().item()
@@ -260,7 +235,7 @@ def test_every_element_written_and_nothing_else(variant, device, monkeypatch):
     case = make_case(N, M, 6, 5, variant=variant, seed=3, device=device)
     buf = torch.full((N + 2, M + 3), float("nan"), dtype=torch.float32, device=device)
     out = buf[1 : N + 1, 2 : M + 2]
-    _launch(case, out, rows=16, cols=16)
+    launch_tile_plan(case, out, rows=16, cols=16)
     assert torch.isfinite(out).all(), "some S[i, j] was never written"
     border = buf.clone()
     border[1 : N + 1, 2 : M + 2] = float("nan")
@@ -272,7 +247,7 @@ def _plan_in_chunks(case, chunk: int):
     """An fp32 plan of ``case`` prepared ``chunk`` items at a time; not split into fp16 pairs, so
     that plans can be compared element by element (a last-bit difference of two BLAS calls
     may round an fp16 hi plane the other way)."""
-    v_mask, w_mask, weights, _ = _checked(case)
+    v_mask, w_mask, weights, _ = checked(case)
     return tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
                             G=case.get("G"), st=torch.float32, chunk=chunk, split16=False)
 
@@ -307,7 +282,7 @@ def test_chunked_prepare_equals_one_shot(variant, K, device):
         assert torch.allclose(_global_rows(one.images), _global_rows(two.images), rtol=1e-5, atol=1e-6)
     got = [torch.full((5, 7), float("nan"), device=device) for _ in range(2)]
     for plan, out in zip((one, two), got):
-        _launch(case, out, plan=plan)
+        launch_tile_plan(case, out, plan=plan)
     assert_scores_close(got[1], reference(case), torch.float32, f"{variant} K={K}, planned 2 images at a time")
     assert (got[0] - got[1]).abs().max().item() <= 1e-5
 
@@ -351,7 +326,7 @@ def test_pair_kernel_v1_still_matchesreference(device):
     figures are only worth comparing while it is right."""
     for variant in ("paper", "acf-code"):
         case = make_case(2, 3, 5, 4, variant=variant, seed=4, device=device)
-        v_mask, w_mask, weights, scale = _checked(case)
+        v_mask, w_mask, weights, scale = checked(case)
         img, txt = pair_v1.prepare_sides(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
                                          G=case.get("G"))
         out = torch.full((2, 3), float("nan"), device=device)
@@ -419,7 +394,7 @@ def test_fp16_storage_batched_gamma_w(device):
     p·Γw (tiles.batched_gw) in the storage dtype; fp32 tiles take it as f16x3 (TILE_CASES)."""
     case = _two_buckets(make_case(6, 19, 5, 24, D=32, H=2, variant="acf-code", seed=6, device=device,
                                   dtype=torch.float16))
-    plan, _ = _plan(case, torch.float16)
+    plan, _ = tile_plan(case, torch.float16)
     assert [b.LB for b in plan.buckets] == [16, 32]
     assert tiles.tile_meta(plan, plan.buckets[0], dot_prec="tf32", embed=True)["BATCHED_GW"]
     assert_scores_close(score(case, "triton"), reference(case), torch.float16, "fp16 batched p Gamma_w")
@@ -443,7 +418,7 @@ def test_fp16_storage_full_gamma_forms_in_chunks(device):
     3.5e-5 when right) fails it, as it would not against the plain bound."""
     case = _hard_masks(make_case(4, 5, 36, 32, D=64, H=8, variant="paper", seed=9, device=device, dtype=torch.float16),
                        torch.Generator().manual_seed(9))
-    plan, _ = _plan(case, torch.float16)
+    plan, _ = tile_plan(case, torch.float16)
     metas = [tiles.tile_meta(plan, b, dot_prec="tf32", embed=False) for b in plan.buckets]
     assert [m["HKP"] // m["QCV"] for m in metas] == [5, 5]
     assert [m["H"] * m["LB"] // m["QCW"] for m in metas] == [2, 4]
@@ -498,7 +473,7 @@ def test_torch_compile_traces_the_op(variant, device):
     import torch._dynamo
 
     case = make_case(3, 4, 5, 6, D=64, H=4, variant=variant, seed=4, device=device)
-    v_mask, w_mask, weights, scale = _checked(case)
+    v_mask, w_mask, weights, scale = checked(case)
 
     def fused(V, W, G, emb):
         return ks.launch_similarity(V, v_mask, W, w_mask, heads=case["heads"], scale=scale, u1=case["u1"],
@@ -528,12 +503,12 @@ def _launch_arguments(case, st, variant_dtype, **launch_kw):
         def __getitem__(self, grid):
             return lambda *a, **k: calls.append((a, k))
 
-    plan, _ = _plan(case, st)
+    plan, _ = tile_plan(case, st)
     # nor the pairwise global score after each launch: it would read the κ and b̄ not written
     saved = tiles._tile_kernel, tiles._add_global
     tiles._tile_kernel, tiles._add_global = Recorder(), lambda *a, **k: None
     try:
-        _launch(case, torch.empty(case["V"].shape[0], case["W"].shape[0], device=case["V"].device), plan=plan,
+        launch_tile_plan(case, torch.empty(case["V"].shape[0], case["W"].shape[0], device=case["V"].device), plan=plan,
                 tuned=False, **launch_kw)
     finally:
         tiles._tile_kernel, tiles._add_global = saved
@@ -598,7 +573,7 @@ def test_launch_timings_cover_every_pair_once(device):
     case = _two_buckets(make_case(37, 6, 3, 24, D=32, H=2, variant="paper", seed=12, device=device))
     timings = []
     out = torch.full((37, 6), float("nan"), device=device)
-    _launch(case, out, tuned=False, global_pairs=16 * 5, timings=timings)
+    launch_tile_plan(case, out, tuned=False, global_pairs=16 * 5, timings=timings)
     assert_scores_close(out, reference(case), torch.float32, "timed launch")
     assert len(timings) >= 3 and {t["LB"] for t in timings} == {16, 32}
     assert sum(t["pairs"] for t in timings) == 37 * 6
@@ -652,10 +627,10 @@ def test_compile_ahead_collects_the_global_score_kernel_of_each_bucket(device):
     from acf_fast.kernels import pair_global
 
     case = _two_buckets(make_case(9, 12, 5, 24, D=32, H=2, variant="paper", seed=12, device=device))
-    plan, _ = _plan(case, torch.float32)
+    plan, _ = tile_plan(case, torch.float32)
     out = torch.full((9, 12), float("nan"), device=device)
     with tiles.compile_ahead() as ahead:
-        _launch(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
+        launch_tile_plan(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
     assert not out.any()
     assert len(ahead.global_requests) == 2 == len(plan.buckets)
     want = pair_global.pair_global_meta(torch.float32)
@@ -697,9 +672,9 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     launch must give exactly what the contiguous layout gives. "small": text heads spread
     less far, but not contiguous: only the int64 path reads their stride."""
     case = make_case(3, 5, 4, 6, D=64, H=4, variant=variant, seed=31, device=device)
-    plan, _ = _plan(case, st)
+    plan, _ = tile_plan(case, st)
     want = torch.full((3, 5), float("nan"), device=device)
-    _launch(case, want, plan=plan, rows=16, cols=16)
+    launch_tile_plan(case, want, plan=plan, rows=16, cols=16)
 
     def spread(x):
         # "small": a plane and a head apart, so that the lo plane a plane after each head (fp32) is free
@@ -712,7 +687,7 @@ def test_head_offsets_past_two_to_the_31(variant, st, side, gap, device):
     assert tiles.tile_meta(far, far.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
     assert not tiles.tile_meta(plan, plan.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]
     got = torch.full((3, 5), float("nan"), device=device)
-    _launch(case, got, plan=far, rows=16, cols=16)
+    launch_tile_plan(case, got, plan=far, rows=16, cols=16)
     assert_scores_close(want, reference(case), st, "contiguous heads")
     assert torch.equal(got, want)
 
@@ -722,7 +697,7 @@ def test_image_gram_blocks_past_two_to_the_31_take_int64_offsets(device):
     live through the tile: it spilled). Past 2^31 elements of Γv (n·H·K²: ~16 K images of 128
     regions, whose heads' offsets still fit) the launch must take the int64 path."""
     case = make_case(3, 5, 4, 6, D=64, H=4, variant="acf-code", seed=32, device=device)
-    plan, _ = _plan(case, torch.float16)
+    plan, _ = tile_plan(case, torch.float16)
     meta = lambda p: tiles.tile_meta(p, p.buckets[0], dot_prec="f16x3", embed=False)["I64_HEADS"]  # noqa: E731
     n, H, K, _ = plan.images.gam.shape
     big = plan.images.gam[:1, :1, :1, :1].expand(-(-2**31 // (H * K * K)), H, K, K)  # no memory behind it
@@ -739,7 +714,7 @@ def test_the_global_score_takes_the_plans_operands(device, monkeypatch):
     from acf_fast.kernels import pair_global
 
     case = _two_buckets(make_case(9, 12, 5, 24, D=32, H=2, variant="paper", seed=13, device=device))
-    plan, _ = _plan(case, torch.float32)
+    plan, _ = tile_plan(case, torch.float32)
     assert plan.glob.operands["dtype"] == torch.float32 and plan.glob.operands["zw"].dtype == torch.float16
     assert plan.images.pglob["pv"].shape == (9, 2, 2 * plan.images.K, 32)  # images, hi/lo planes, H·K, D
 
@@ -749,5 +724,5 @@ def test_the_global_score_takes_the_plans_operands(device, monkeypatch):
     monkeypatch.setattr(pair_global, "weight_operands", refuse)
     monkeypatch.setattr(pair_global, "image_operands", refuse)
     out = torch.full((9, 12), float("nan"), device=device)
-    _launch(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
+    launch_tile_plan(case, out, plan=plan, global_pairs=4 * 3)  # several chunks of images per bucket
     assert_scores_close(out, reference(case), torch.float32, "global score with the plan's operands")
