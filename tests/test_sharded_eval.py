@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,14 @@ sys.exit(main(sys.argv[1:]))
 
 def torchrun(args, script=None):
     """Run ``torchrun --standalone --nproc_per_node=2`` of the CLI (or of ``script``) with ``args``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
     target = ["-m", "acf_fast"] if script is None else [str(script)]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={WORLD}", *target, *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    # torchrun leaves a torchelastic_* log folder in TMPDIR at every start: keep them out of /tmp
+    with tempfile.TemporaryDirectory(prefix="acf_torchrun_") as tmp:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1", TMPDIR=tmp)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={WORLD}", *target, *args],
+                              env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
