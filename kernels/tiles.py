@@ -1330,7 +1330,8 @@ def autotuned_configs() -> List[dict]:
 
 def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: bool, o_is_q: bool, pairwise: bool,
                     embed: bool, HKP: int, dot_prec: str, cols: int = TILE_COLS, rows: int = TILE_ROWS,
-                    i64_heads: bool = False, scale=(1.0, 1.0), mask_bias: Optional[bool] = None) -> dict:
+                    i64_heads: bool = False, scale=(1.0, 1.0), mask_bias: Optional[bool] = None,
+                    storage_bits: int = 16) -> dict:
     """Compile-time parameters of :func:`_tile_kernel` (also used by bench/kernel_report.py).
 
     H heads of width DH (padded), K regions per image, LB tokens per text (the bucket),
@@ -1338,7 +1339,8 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
     element offsets need int64 (:func:`tile_meta`); ``scale`` the softmax scales (s_i2t,
     s_t2i) as the tile gets them, which pick each direction's :func:`mask_mode`, with the
     bias where :func:`mask_bias_pays` (``mask_bias`` given: wherever the scale allows, or
-    nowhere)."""
+    nowhere); ``storage_bits`` the features' element size (16: bf16, fp16 and the fp16 pairs
+    of f16x3; 32: fp32 tiles with tf32 or ieee dots)."""
     GI, BR = image_tile_shape(K, rows)
     BC = max(cols, LB)
     GT = BC // LB
@@ -1349,7 +1351,8 @@ def tile_constexprs(H: int, DH: int, K: int, LB: int, *, full: bool, shared_qk: 
                 PP=PP, HKP=HKP if full else QUAD_CHUNK, QCV=QUAD_CHUNK, QCW=min(H * LB, QUAD_CHUNK),
                 FULL=full, SHARED_QK=shared_qk, O_IS_Q=o_is_q, PAIRWISE=pairwise, EMBED=embed, DOT_PREC=dot_prec,
                 BATCHED_GW=batched, HALF_GW=half_gw(full, batched, GT, LB), I64_HEADS=i64_heads,
-                **{f"MASK_{d}": mask_mode(s, mask_bias_pays(full, batched, dot_prec) if mask_bias is None else mask_bias)
+                **{f"MASK_{d}": mask_mode(s, mask_bias_pays(batched, dot_prec, storage_bits) if mask_bias is None
+                                              else mask_bias)
                    for d, s in (("I2T", scale[0]), ("T2I", scale[1]))})
 
 
@@ -1373,7 +1376,7 @@ def mask_bias_scale_ok(s: float) -> bool:
     return 2.0**-40 <= s <= 2.0**40
 
 
-def mask_bias_pays(full: bool, batched: bool, dot_prec: str) -> bool:
+def mask_bias_pays(batched: bool, dot_prec: str, storage_bits: int) -> bool:
     """Whether a tile masks its invalid keys by the logit bias (both directions, where the
     scales let it). The bias takes a select and a predicate per logit off the issue slots but
     adds a K = 16 product per head (1/16 more tensor-core work per direction): it pays only
@@ -1382,8 +1385,10 @@ def mask_bias_pays(full: bool, batched: bool, dot_prec: str) -> bool:
     batched p·Γw (acf-code, bucket 16): 0.584 / 0.674 s (5.8 K / 6.8 K warp-instructions per
     pair, 68 / 0 B of spills). Elsewhere tensor cores bound the floor and the bias made it
     worse: acf-code bf16, bucket 32, 0.362 / 0.338 s (9.9 K / 11.5 K warp-instructions per
-    pair); acf-code fp32 2.70 / 2.63 s; paper bf16 2.32 / 2.27 s; paper fp32 6.67 / 6.60 s."""
-    return batched and not full and dot_prec == "tf32"
+    pair); acf-code fp32 2.70 / 2.63 s; paper bf16 2.32 / 2.27 s; paper fp32 6.67 / 6.60 s.
+    So: ``batched`` (:func:`batched_gw`, block-diagonal Γ) with single 16-bit dots, not the
+    fp16 pairs of f16x3 nor fp32 storage (tf32 dots at half bf16's rate, never measured)."""
+    return batched and dot_prec != "f16x3" and storage_bits == 16
 
 
 def batched_gw(full: bool, GT: int, LB: int) -> bool:
@@ -1440,7 +1445,8 @@ def tile_meta(plan: TilePlan, bucket: TextBucket, *, dot_prec: str, embed: bool,
     return tile_constexprs(H, DH, img.K, bucket.LB, full=plan.full, shared_qk=img.Kk is img.Q, o_is_q=img.O is img.Q,
                            pairwise=plan.glob is not None, embed=embed,
                            HKP=img.gam.shape[1] if plan.full else QUAD_CHUNK, dot_prec=dot_prec, cols=cols, rows=rows,
-                           i64_heads=i64_heads, scale=scale, mask_bias=mask_bias)
+                           i64_heads=i64_heads, scale=scale, mask_bias=mask_bias,
+                           storage_bits=8 * img.Q.element_size())
 
 
 def _num_sms(device) -> int:

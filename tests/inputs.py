@@ -121,13 +121,13 @@ def checked(case: dict):
         u1=case["u1"], u2=case["u2"], weights=case.get("weights"), G=case.get("G"), global_emb=case.get("global_emb"))
 
 
-def tile_plan(case: dict, st=torch.float32):
-    """The Triton tiles' plan of a case (kernels/tiles.plan_tiles) and its checked scale."""
+def tile_plan(case: dict, st=torch.float32, **kw):
+    """The Triton tiles' plan of a case (kernels/tiles.plan_tiles, ``kw`` to it) and its checked scale."""
     from acf_fast.kernels import tiles
 
     v_mask, w_mask, weights, scale = checked(case)
     plan = tiles.plan_tiles(case["V"], v_mask, case["W"], w_mask, heads=case["heads"], weights=weights,
-                            G=case.get("G"), st=st)
+                            G=case.get("G"), st=st, **kw)
     return plan, scale
 
 

@@ -116,6 +116,18 @@ def test_the_bias_serves_the_batched_bf16_tile_only():
     assert modes(16, "tf32", (1e-20, 1e20)) == ("select", "select")
 
 
+
+def test_the_bias_waits_for_16_bit_storage():
+    """fp32 tiles with allow_tf32 run dot_prec "tf32" as the bf16 / fp16 ones do, but on fp32
+    storage at half their tensor-core rate, where the bias was never measured to pay: they keep
+    the select. Until 2026-12-08 the choice went by dot_prec alone and gave them the bias."""
+    case = make_case(3, 11, 4, 10, D=32, H=2, variant="acf-code", seed=12)
+    for st, want in ((torch.float16, "bias"), (torch.bfloat16, "bias"), (torch.float32, "select")):
+        plan, scale = tile_plan(case, st, split16=False)  # as triton_similarity(allow_tf32=True) plans fp32
+        meta = tiles.tile_meta(plan, plan.buckets[0], dot_prec="tf32", embed=False, scale=scale)
+        assert meta["BATCHED_GW"], st
+        assert (meta["MASK_I2T"], meta["MASK_T2I"]) == (want, want), st
+
 def _feature_tensors(plan):
     """(tensor, its lo-plane offset) for every feature tensor the tiles read without masks."""
     out = {}
